@@ -1,0 +1,6 @@
+"""Shared fixtures: each real component has its own plugin module in ``tests/fixtures``."""
+
+pytest_plugins = [
+    "tests.fixtures.clickhouse",
+    "tests.fixtures.kafka",
+]

@@ -1,0 +1,81 @@
+"""All of Tidemark's settings, in one place.
+
+Every field can be set by an environment variable with the ``TIDEMARK_`` prefix,
+e.g. ``TIDEMARK_KAFKA_BOOTSTRAP=127.0.0.1:9092`` or
+``TIDEMARK_CLICKHOUSE_URL=http://default:@clickhouse:8123``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STATE_DIR = Path(".tidemark")
+
+
+class Settings(BaseSettings):
+    """Process-wide configuration, read from ``TIDEMARK_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TIDEMARK_", extra="ignore")
+
+    # Kafka
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    topic_prefix: str = Field("", description="Prefix for every topic name (isolates tenants and tests).")
+    schema_registry_url: str | None = Field(
+        None, description="Confluent Schema Registry URL; unset means Avro single-object encoding."
+    )
+    consumer_group_prefix: str = Field("tidemark", description="Prefix of every consumer group id.")
+
+    # ClickHouse
+    clickhouse_url: str = Field(
+        "chdb://.tidemark/chdb",
+        description="chdb://<path> for the embedded engine, or http(s)://user:password@host:8123 for a server.",
+    )
+    clickhouse_database: str = Field("tidemark", description="ClickHouse database holding Tidemark's tables.")
+
+    # Metadata database (dashboards, funnels, experiments, api keys, ...)
+    metadata_url: str = Field("sqlite:///.tidemark/metadata.db", description="SQLAlchemy URL.")
+
+    # API
+    api_host: str = Field("127.0.0.1", description="Address the API binds to.")
+    api_port: int = Field(8000, description="Port the API listens on.")
+    write_keys: list[str] = Field(
+        default_factory=lambda: ["demo-write-key"],
+        description="Write keys accepted by the collector (Segment-style). Empty list disables the check.",
+    )
+    max_event_bytes: int = Field(32 * 1024, description="Largest accepted single event, in bytes.")
+    max_batch_bytes: int = Field(500 * 1024, description="Largest accepted batch request, in bytes.")
+    max_future_skew_seconds: int = Field(24 * 3600, description="How far in the future an event may be.")
+    max_past_age_days: int = Field(365, description="How far in the past an event may be.")
+    sql_max_execution_seconds: int = Field(30, description="Time limit of an analyst's read-only query.")
+    sql_max_result_rows: int = Field(100_000, description="Row limit of an analyst's read-only query.")
+
+    # Sinks
+    sink_batch_max_rows: int = Field(50_000, description="Flush a sink batch at this many rows ...")
+    sink_batch_max_seconds: float = Field(1.0, description="... or after this many seconds.")
+
+    # Analytics
+    report_timezone: str = Field("UTC", description="IANA timezone for day/week/month boundaries.")
+    week_start: int = Field(1, description="First day of the week, ISO numbering (1 = Monday, 7 = Sunday).")
+    session_inactivity_minutes: int = Field(30, description="A session closes after this much inactivity.")
+
+    # Processes
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="Where local state (chDB, SQLite, logs) lives.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    def topic(self, name: str) -> str:
+        """The full name of a logical topic, with the configured prefix."""
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, name: str) -> str:
+        """The full id of a consumer group."""
+        return f"{self.consumer_group_prefix}.{name}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()
