@@ -83,6 +83,113 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "sessions, metric snapshots, anomalies and identity stitching",
+        (
+            # Latest version of a session wins (version = events seen so far, then last_seen_at).
+            """
+            CREATE TABLE IF NOT EXISTS sessions (
+                session_id String,
+                user_id String,
+                device_id String,
+                started_at DateTime64(3, 'UTC'),
+                last_seen_at DateTime64(3, 'UTC'),
+                duration_ms UInt64,
+                page_views UInt32,
+                events UInt32,
+                device LowCardinality(String),
+                browser LowCardinality(String),
+                os LowCardinality(String),
+                country LowCardinality(String),
+                referrer String,
+                utm_source LowCardinality(String),
+                utm_medium LowCardinality(String),
+                utm_campaign LowCardinality(String),
+                closed UInt8,
+                version UInt64
+            )
+            ENGINE = ReplacingMergeTree(version)
+            PARTITION BY toYYYYMM(started_at)
+            ORDER BY (toDate(started_at), session_id)
+            """,
+            # One value per (metric, period, period_start, dimensions): a later update replaces it.
+            """
+            CREATE TABLE IF NOT EXISTS metric_snapshots (
+                metric_type LowCardinality(String),
+                period LowCardinality(String),
+                period_start DateTime64(3, 'UTC'),
+                period_end DateTime64(3, 'UTC'),
+                dimensions Map(LowCardinality(String), String),
+                dimensions_key String,
+                value Float64,
+                source LowCardinality(String),
+                computed_at DateTime64(3, 'UTC')
+            )
+            ENGINE = ReplacingMergeTree(computed_at)
+            PARTITION BY toYYYYMM(period_start)
+            ORDER BY (metric_type, period, period_start, dimensions_key)
+            """,
+            # Status changes are new versions of the same anomaly id.
+            """
+            CREATE TABLE IF NOT EXISTS anomalies (
+                id UUID,
+                metric_type LowCardinality(String),
+                period LowCardinality(String),
+                dimensions Map(LowCardinality(String), String),
+                dimensions_key String,
+                detected_at DateTime64(3, 'UTC'),
+                window_start DateTime64(3, 'UTC'),
+                severity LowCardinality(String),
+                expected Float64,
+                actual Float64,
+                deviation Float64,
+                score Float64,
+                detector LowCardinality(String),
+                description String,
+                status LowCardinality(String),
+                resolved_by String,
+                resolved_at Nullable(DateTime64(3, 'UTC')),
+                updated_at DateTime64(3, 'UTC')
+            )
+            ENGINE = ReplacingMergeTree(updated_at)
+            ORDER BY id
+            """,
+            # Identity stitching: every event that carries both ids links the device to the person.
+            """
+            CREATE TABLE IF NOT EXISTS identities (
+                anonymous_id String,
+                user_id String,
+                linked_at DateTime64(3, 'UTC')
+            )
+            ENGINE = ReplacingMergeTree(linked_at)
+            ORDER BY anonymous_id
+            """,
+            """
+            CREATE MATERIALIZED VIEW IF NOT EXISTS identities_mv TO identities AS
+            SELECT anonymous_id, argMin(uid, ts) AS user_id, min(ts) AS linked_at
+            FROM (SELECT anonymous_id, user_id AS uid, timestamp AS ts FROM events
+                  WHERE anonymous_id != '' AND user_id != '')
+            GROUP BY anonymous_id
+            """,
+            # What analyses read: deduplicated events with the person they belong to after stitching.
+            """
+            CREATE VIEW IF NOT EXISTS events_resolved AS
+            SELECT
+                e.event_id AS event_id, e.event_type AS event_type, e.event_name AS event_name,
+                e.user_id AS user_id, e.anonymous_id AS anonymous_id, e.session_id AS session_id,
+                e.timestamp AS timestamp, e.received_at AS received_at, e.properties AS properties,
+                e.context AS context, e.amount AS amount, e.currency AS currency, e.project_id AS project_id,
+                e.community AS community, e.category AS category, e.country AS country,
+                e.device_type AS device_type, e.utm_source AS utm_source,
+                multiIf(e.user_id != '', e.user_id, i.user_id != '', i.user_id, e.anonymous_id) AS person_id
+            FROM events AS e FINAL
+            LEFT JOIN (
+                SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities GROUP BY anonymous_id
+            ) AS i ON i.anonymous_id = e.anonymous_id
+            """,
+        ),
+    ),
 )
 
 

@@ -30,3 +30,22 @@ def test_replayed_events_collapse_on_event_id(ch_db: Client) -> None:
         "SELECT count(), uniqExact(event_id), sum(amount), anyIf(community, community != '') FROM events FINAL"
     ).result_rows[0]
     assert (count, ids, amount, community) == (2, 2, 12.5, "Lagos")
+
+
+def test_identity_stitching_attributes_pre_signup_events_to_the_user(ch_db: Client) -> None:
+    names = ["event_id", "event_type", "event_name", "user_id", "anonymous_id", "timestamp", "properties"]
+    ch_db.insert(
+        "events",
+        [
+            ["00000000-0000-4000-8000-00000000000a", "page_view", "page_view", "", "anon-1", 1_700_000_000_000, "{}"],
+            ["00000000-0000-4000-8000-00000000000b", "conversion", "signup", "user-1", "anon-1", 1_700_000_100_000,
+             "{}"],
+            ["00000000-0000-4000-8000-00000000000c", "action", "login", "user-1", "", 1_700_000_200_000, "{}"],
+            ["00000000-0000-4000-8000-00000000000d", "page_view", "page_view", "", "anon-2", 1_700_000_000_000, "{}"],
+        ],
+        column_names=names,
+    )
+    rows = ch_db.query("SELECT event_name, person_id FROM events_resolved ORDER BY timestamp, event_name").result_rows
+    assert sorted(rows) == sorted(
+        [("page_view", "user-1"), ("signup", "user-1"), ("login", "user-1"), ("page_view", "anon-2")]
+    )

@@ -1,0 +1,1 @@
+"""The FastAPI app: the collector endpoints and the query API."""

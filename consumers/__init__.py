@@ -1,0 +1,1 @@
+"""Alert delivery to on-call, and dead-letter inspection and replay."""

@@ -1,0 +1,1 @@
+"""Subcommands of the ``tidemark`` command line, one module each (see :mod:`tidemark.cli`)."""
