@@ -110,3 +110,42 @@ def event_codec() -> SchemaCodec:
 def dead_letter_codec() -> SchemaCodec:
     """The codec of ``DeadLetter`` (topic ``events.dlq``), built once per process."""
     return SchemaCodec(load_schema("dead_letter.avsc"))
+
+
+class ConfluentCodec:
+    """The Confluent wire format (magic byte 0, 4-byte schema id, Avro body) through a Schema Registry.
+
+    Used instead of :class:`SchemaCodec` when ``TIDEMARK_SCHEMA_REGISTRY_URL`` is set. The
+    subject is ``<topic>-value`` (TopicNameStrategy); the registry enforces compatibility.
+    """
+
+    def __init__(self, registry_url: str, topic: str, current: dict[str, Any]) -> None:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+        from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        registry = SchemaRegistryClient.new_client({"url": registry_url})  # mock:// gives an in-memory one
+        text = json.dumps(current)
+        self._context = SerializationContext(topic, MessageField.VALUE)
+        self._serializer = AvroSerializer(registry, text, conf={"auto.register.schemas": True})
+        self._deserializer = AvroDeserializer(registry, text)
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        """Encode one record, registering the schema on first use."""
+        data: bytes = self._serializer(record, self._context)
+        return data
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        """Decode one record written with any schema the registry knows, resolved to the current one."""
+        try:
+            record: dict[str, Any] = self._deserializer(data, self._context)
+        except Exception as exc:  # the deserializer raises several types for foreign or corrupt data
+            raise SchemaError(f"not a Confluent Avro message: {exc}") from exc
+        return record
+
+
+def event_codec_for(registry_url: str | None, topic: str) -> SchemaCodec | ConfluentCodec:
+    """The codec of tracked events on ``topic``: single-object encoding, or Confluent's with a registry."""
+    if registry_url:
+        return ConfluentCodec(registry_url, topic, load_schema("analytics_event.avsc"))
+    return event_codec()
