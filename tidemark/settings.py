@@ -52,10 +52,27 @@ class Settings(BaseSettings):
     max_past_age_days: int = Field(365, description="How far in the past an event may be.")
     sql_max_execution_seconds: int = Field(30, description="Time limit of an analyst's read-only query.")
     sql_max_result_rows: int = Field(100_000, description="Row limit of an analyst's read-only query.")
+    admin_api_key: str | None = Field(
+        None,
+        description="Bootstrap admin API key registered at start (local runs: dev-admin-key). "
+        "Unset: a random admin key is created and logged once when no admin key exists.",
+    )
+    api_token: str | None = Field(
+        None, description="Bearer token the query API (e.g. /v1/sql) requires; unset leaves it open."
+    )
+    publish_timeout_seconds: float = Field(
+        15.0, description="How long the collector waits for Kafka to acknowledge events before answering 503."
+    )
 
     # Sinks
     sink_batch_max_rows: int = Field(50_000, description="Flush a sink batch at this many rows ...")
     sink_batch_max_seconds: float = Field(1.0, description="... or after this many seconds.")
+    sink_retry_backoff_max_seconds: float = Field(
+        30.0, description="Longest wait between retries of a sink batch ClickHouse refused."
+    )
+    sink_session_timeout_ms: int = Field(
+        45_000, description="Kafka session timeout of the sinks' consumers (how soon a dead sink's partitions move)."
+    )
 
     # Analytics
     report_timezone: str = Field("UTC", description="IANA timezone for day/week/month boundaries.")
