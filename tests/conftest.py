@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.clickhouse",
     "tests.fixtures.kafka",
+    "tests.fixtures.server",
 ]
