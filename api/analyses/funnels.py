@@ -1,0 +1,432 @@
+"""Funnels: how many people go through a sequence of steps within a conversion window.
+
+Semantics (each one mirrored by the plain-Python reference in the tests)
+-----------------------------------------------------------------------
+People are ``person_id`` of ``events_resolved`` (after identity stitching), so a device's
+anonymous events and the same person's logged-in events form one path. Only events in the
+time range ``[start, end)`` are considered. A step matches an event when its event name and
+its filters *and* the analysis-wide filters match. Time is compared in milliseconds.
+
+The per-person level is ClickHouse's ``windowFunnel(window_ms[, mode])``:
+
+- An event matching several steps counts for each of them. Events are ordered by
+  ``(timestamp, step number)``, so two steps in the **same millisecond** count as in order.
+- The window is **inclusive**: step *k* converts when ``t_k <= t_1 + window``.
+- A later step-1 event restarts the attempt from that time (a later start leaves more of the
+  window), keeping the steps already reached; the level is the highest step reached by any
+  attempt; the first full conversion wins.
+
+Orders:
+
+- ``ordered``: steps in order; other events (and out-of-order steps) in between are allowed.
+- ``strict`` (``'strict_order'`` mode; every event of the person in the range is fed in):
+  after the person's first step-1 event, the funnel **stops** at the first event that is not
+  any step, or that is a step whose previous step has not been reached yet. Repeats of steps
+  already reached, and new step-1 events, are allowed. So ``A X B`` stops at 1 and
+  ``A C B`` stops at 1 for steps ``A, B, C``, while ordered reaches 2 in both.
+- ``unordered``: the level is the largest number of distinct steps done within one window
+  ``[t, t + window]`` that starts at one of the person's step events (in any order). Step *k*
+  means "did *k* of the steps"; times are between the first time each step was done in that
+  window, sorted. Exclusions are not defined for unordered funnels.
+
+Times to convert come from the attempt that gave the level (same rules, computed with
+``arrayFold``; a ``throwIf`` guards that it agrees with ``windowFunnel``). Medians and p90
+are ``quantileExactInclusive`` (linear interpolation, like ``numpy.percentile``), in seconds.
+
+Exclusions ``{event_name, from_step, to_step}``: a person whose attempt reached
+``from_step`` is excluded (from every step, and counted in ``excluded``) when the excluded
+event happened strictly after their ``from_step`` time and strictly before their
+``to_step`` time — or, when they never reached ``to_step``, at most at the end of their
+window (``t_1 + window``).
+
+Breakdown: a person's value is the property on their earliest step-1 event in the range
+(the smallest value on a tie); the top *N* values by people entering the funnel are kept and
+the rest are merged into "Other".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from api.analyses.query import PropertyFilter, SQLBuilder, TimeRange, run
+
+FunnelOrder = Literal["ordered", "strict", "unordered"]
+
+#: windowFunnel handles at most 32 conditions.
+MAX_STEPS = 32
+
+
+class FunnelStep(BaseModel):
+    """One step: an event name and the filters its event must pass."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    event_name: str = Field(min_length=1, max_length=200)
+    filters: tuple[PropertyFilter, ...] = ()
+
+
+class FunnelExclusion(BaseModel):
+    """People who did ``event_name`` between two of their steps are left out."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_name: str = Field(min_length=1, max_length=200)
+    filters: tuple[PropertyFilter, ...] = ()
+    from_step: int = Field(ge=1, description="1-based step after which the event excludes.")
+    to_step: int = Field(ge=2, description="1-based step before which the event excludes.")
+
+
+class Breakdown(BaseModel):
+    """Split results by a property: the top ``limit`` values plus "Other"."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str = Field(min_length=1, max_length=200)
+    source: Literal["event", "context"] = "event"
+    limit: int = Field(10, ge=1, le=100)
+
+
+class FunnelDefinition(BaseModel):
+    """What a saved funnel is (the metadata database stores this document)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = ""
+    steps: tuple[FunnelStep, ...] = Field(min_length=2, max_length=MAX_STEPS)
+    window_seconds: float = Field(14 * 24 * 3600, gt=0, description="Conversion window (milliseconds precision).")
+    order: FunnelOrder = "ordered"
+    exclusions: tuple[FunnelExclusion, ...] = ()
+    breakdown: Breakdown | None = None
+
+    @property
+    def window_ms(self) -> int:
+        """The window in whole milliseconds, as ``windowFunnel`` takes it."""
+        return round(self.window_seconds * 1000)
+
+    @model_validator(mode="after")
+    def _exclusions_fit(self) -> FunnelDefinition:
+        for exclusion in self.exclusions:
+            if self.order == "unordered":
+                raise ValueError("exclusions are not defined for unordered funnels")
+            if not exclusion.from_step < exclusion.to_step <= len(self.steps):
+                raise ValueError("an exclusion needs 1 <= from_step < to_step <= number of steps")
+        return self
+
+
+class ConversionTime(BaseModel):
+    """Seconds from one step to another, over the people who made it."""
+
+    mean: float | None = None
+    median: float | None = None
+    p90: float | None = None
+
+
+class FunnelStepResult(BaseModel):
+    """One step's numbers."""
+
+    step: int
+    name: str
+    count: int = Field(description="People who reached this step.")
+    conversion_from_start: float = Field(description="count / count of step 1.")
+    conversion_from_previous: float = Field(description="count / count of the previous step.")
+    dropped: int = Field(description="People who reached the previous step but not this one (0 for step 1).")
+    time_from_previous: ConversionTime = Field(default_factory=ConversionTime)
+
+
+class FunnelSeries(BaseModel):
+    """All steps for one group of people (everyone, or one breakdown value)."""
+
+    steps: list[FunnelStepResult]
+    overall_conversion: float
+    time_to_convert: ConversionTime = Field(description="From step 1 to the last step.")
+
+
+class FunnelBreakdownValue(FunnelSeries):
+    """The series of the people with one breakdown value ("Other" merges the rest)."""
+
+    value: str
+    is_other: bool = False
+
+
+class FunnelResult(FunnelSeries):
+    """What a funnel computes."""
+
+    name: str
+    order: FunnelOrder
+    window_seconds: float
+    excluded: int = Field(0, description="People left out by exclusion events.")
+    breakdown: list[FunnelBreakdownValue] = Field(default_factory=list)
+
+
+class FunnelPeople(BaseModel):
+    """One page of the people at a step (or dropped right after it)."""
+
+    step: int
+    status: Literal["reached", "dropped"]
+    total: int
+    people: list[str]
+
+
+def _per_person_sql(
+    q: SQLBuilder,
+    definition: FunnelDefinition,
+    time_range: TimeRange,
+    filters: tuple[PropertyFilter, ...],
+    cohort_id: str | None,
+) -> str:
+    """One row per person: level, the attempt's step times, breakdown value, excluded flag."""
+    n = len(definition.steps)
+    window = q.param(definition.window_ms, "UInt64")
+    step_conds = [q.event_condition(s.event_name, s.filters + filters) for s in definition.steps]
+    excl_conds = [q.event_condition(x.event_name, x.filters) for x in definition.exclusions]
+    bv = (
+        q.property_string(definition.breakdown.key, definition.breakdown.source)
+        if definition.breakdown is not None
+        else "''"
+    )
+    row_cols = ", ".join(f"toUInt8({c}) AS s{i}" for i, c in enumerate(step_conds, 1))
+    excl_cols = "".join(f", toUInt8({c}) AS x{j}" for j, c in enumerate(excl_conds, 1))
+    where = [q.time_range(time_range), q.in_cohort(cohort_id)]
+    if definition.order != "strict":
+        # Strict funnels must see every event (any other event ends the attempt).
+        where.append("(" + " OR ".join([f"({c})" for c in step_conds + excl_conds]) + ")")
+    rows = (
+        f"SELECT person_id, toUInt64(toUnixTimestamp64Milli(timestamp)) AS t, {row_cols}{excl_cols}, {bv} AS bv "
+        f"FROM events_resolved WHERE {' AND '.join(where)}"
+    )
+    flags = "[" + ", ".join(f"s{i}" for i in range(1, n + 1)) + "]"
+    matched = f"arrayFilter(i -> {flags}[i] = 1, range(1, {n + 1}))"
+    if definition.order == "strict":
+        matched = f"if(empty({matched}), [0], {matched})"
+    entries = f"arraySort(groupArrayArray(arrayMap(i -> (t, toUInt8(i)), {matched})))"
+    conds = ", ".join(f"s{i} = 1" for i in range(1, n + 1))
+
+    if definition.order == "unordered":
+        in_window = "e.1 >= a AND e.1 <= a + w"
+        candidates = (
+            f"arrayMap(a -> arraySort(arrayMap(j -> arrayMin(arrayMap(e -> e.1, arrayFilter(e -> e.2 = j AND "
+            f"{in_window}, entries))), arrayDistinct(arrayMap(e -> e.2, arrayFilter(e -> {in_window}, entries))))), "
+            "arrayMap(e -> e.1, entries))"
+        )
+        chain = "arrayFirst(c -> length(c) = arrayMax(arrayMap(c -> length(c), cand)), cand)"
+        level_cols = f"{candidates} AS cand, {chain} AS chain, toUInt8(length(chain)) AS level, toUInt8(0) AS guard"
+    else:
+        mode = ", 'strict_order'" if definition.order == "strict" else ""
+        level_cols = (
+            f"windowFunnel({definition.window_ms}{mode})(t, {conds}) AS wf_level, "
+            f"{_attempt_fold(n, strict=definition.order == 'strict')} AS fold, "
+            "arrayFilter(c -> notEmpty(c), fold.3) AS reached, "
+            "if(empty(reached), CAST([] AS Array(UInt64)), reached[-1]) AS chain, "
+            "toUInt8(length(chain)) AS level, "
+            "throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"
+        )
+    excl_arrays = "".join(f", groupArrayIf(t, x{j} = 1) AS xs{j}" for j in range(1, len(excl_conds) + 1))
+    excluded_terms = []
+    for j, x in enumerate(definition.exclusions, 1):
+        a, b = x.from_step, x.to_step
+        excluded_terms.append(
+            f"(level >= {a} AND arrayExists(v -> v > chain[{a}] AND "
+            f"if(level >= {b}, v < chain[{b}], v <= chain[1] + w), xs{j}))"
+        )
+    excluded = " OR ".join(excluded_terms) or "0"
+    return (
+        f"SELECT person_id, {window} AS w, {entries} AS entries, {level_cols}, "
+        f"argMinIf(bv, (t, bv), s1 = 1) AS breakdown_value{excl_arrays}, toUInt8({excluded}) AS excluded "
+        f"FROM ({rows}) GROUP BY person_id"
+    )
+
+
+def _attempt_fold(n: int, strict: bool) -> str:
+    """``arrayFold`` replaying windowFunnel over the sorted ``(t, step)`` entries.
+
+    Accumulator ``(stopped, seen_step_1, attempts)`` where ``attempts[k]`` holds the step
+    times of the latest attempt that reached step ``k``. Kept in SQL so ClickHouse does the
+    work per person and times come from the same attempt that gave the level.
+    """
+    def set_slot(k: str, value: str) -> str:
+        return f"arrayMap((c, j) -> if(j = {k}, {value}, c), acc.3, arrayEnumerate(acc.3))"
+
+    stop = "(toUInt8(1), acc.2, acc.3)"
+    other = f"if(acc.2 = 1, {stop}, acc)" if strict else "acc"
+    skip_ahead = other  # a step whose previous step is missing: strict stops, ordered ignores
+    body = (
+        f"if(acc.1 = 1 OR notEmpty(acc.3[{n}]), acc, "
+        f"if(e.2 = 0, {other}, "
+        f"if(e.2 = 1, (acc.1, toUInt8(1), {set_slot('1', '[e.1]')}), "
+        f"if(empty(acc.3[e.2 - 1]), {skip_ahead}, "
+        f"if(e.1 <= acc.3[e.2 - 1][1] + w, (acc.1, acc.2, {set_slot('e.2', 'arrayPushBack(acc.3[e.2 - 1], e.1)')}), "
+        "acc)))))"
+    )
+    init = f"(toUInt8(0), toUInt8(0), arrayMap(i -> CAST([] AS Array(UInt64)), range({n})))"
+    return f"arrayFold((acc, e) -> {body}, entries, {init})"
+
+
+def _series_columns(n: int) -> str:
+    """Aggregates over per-person rows: counts per step, times between steps and overall.
+
+    Excluded people are left out of every step (they are counted apart).
+    """
+    def reached(k: int) -> str:
+        return f"excluded = 0 AND level >= {k}"
+
+    cols = ["[" + ", ".join(f"countIf({reached(k)})" for k in range(1, n + 1)) + "] AS counts"]
+    for k in range(2, n + 1):
+        diff = f"(toFloat64(chain[{k}]) - toFloat64(chain[{k - 1}])) / 1000"
+        cols.append(f"avgIf({diff}, {reached(k)}) AS mean{k}")
+        cols.append(f"quantilesExactInclusiveIf(0.5, 0.9)({diff}, {reached(k)}) AS q{k}")
+    total = f"(toFloat64(chain[{n}]) - toFloat64(chain[1])) / 1000"
+    cols.append(f"avgIf({total}, {reached(n)}) AS mean_total")
+    cols.append(f"quantilesExactInclusiveIf(0.5, 0.9)({total}, {reached(n)}) AS q_total")
+    return ", ".join(cols)
+
+
+def _conversion_time(mean: Any, quantiles: Any, count: int) -> ConversionTime:
+    if count == 0:
+        return ConversionTime()
+    return ConversionTime(mean=float(mean), median=float(quantiles[0]), p90=float(quantiles[1]))
+
+
+def _series(definition: FunnelDefinition, row: dict[str, Any]) -> FunnelSeries:
+    n = len(definition.steps)
+    counts = [int(c) for c in row["counts"]]
+    steps = []
+    for k in range(1, n + 1):
+        count, prev = counts[k - 1], counts[k - 2] if k > 1 else counts[0]
+        steps.append(
+            FunnelStepResult(
+                step=k,
+                name=definition.steps[k - 1].name,
+                count=count,
+                conversion_from_start=count / counts[0] if counts[0] else 0.0,
+                conversion_from_previous=count / prev if prev else 0.0,
+                dropped=prev - count if k > 1 else 0,
+                time_from_previous=(
+                    _conversion_time(row[f"mean{k}"], row[f"q{k}"], count) if k > 1 else ConversionTime()
+                ),
+            )
+        )
+    return FunnelSeries(
+        steps=steps,
+        overall_conversion=counts[-1] / counts[0] if counts[0] else 0.0,
+        time_to_convert=_conversion_time(row["mean_total"], row["q_total"], counts[-1]),
+    )
+
+
+def compute_funnel(
+    client: Any,
+    definition: FunnelDefinition,
+    time_range: TimeRange,
+    filters: tuple[PropertyFilter, ...] = (),
+    cohort_id: str | None = None,
+) -> FunnelResult:
+    """Compute a funnel over ``events_resolved`` (semantics in the module docstring)."""
+    q = SQLBuilder()
+    n = len(definition.steps)
+    per_person = _per_person_sql(q, definition, time_range, tuple(filters), cohort_id)
+    sql = (
+        f"WITH per_person AS ({per_person}) "
+        f"SELECT {_series_columns(n)}, countIf(excluded = 1) AS excluded_people "
+        "FROM per_person WHERE guard = 0 AND (level >= 1 OR excluded = 1)"
+    )
+    names = [
+        "counts",
+        *[c for k in range(2, n + 1) for c in (f"mean{k}", f"q{k}")],
+        "mean_total",
+        "q_total",
+        "excluded_people",
+    ]
+    (row,) = run(client, sql, q)
+    overall = _series(definition, dict(zip(names, row, strict=True)))
+    result = FunnelResult(
+        name=definition.name,
+        order=definition.order,
+        window_seconds=definition.window_seconds,
+        excluded=int(row[-1]),
+        **overall.model_dump(),
+    )
+    if definition.breakdown is not None:
+        result.breakdown = _breakdown(client, definition, time_range, tuple(filters), cohort_id, names)
+    return result
+
+
+def _breakdown(
+    client: Any,
+    definition: FunnelDefinition,
+    time_range: TimeRange,
+    filters: tuple[PropertyFilter, ...],
+    cohort_id: str | None,
+    names: list[str],
+) -> list[FunnelBreakdownValue]:
+    assert definition.breakdown is not None
+    q = SQLBuilder()
+    n = len(definition.steps)
+    per_person = _per_person_sql(q, definition, time_range, filters, cohort_id)
+    limit = q.param(definition.breakdown.limit, "UInt64")
+    cols = _series_columns(n)
+    sql = (
+        f"WITH per_person AS ({per_person}), "
+        f"top AS (SELECT breakdown_value FROM per_person WHERE level >= 1 AND excluded = 0 "
+        f"GROUP BY breakdown_value ORDER BY count() DESC, breakdown_value LIMIT {limit}) "
+        f"SELECT {cols}, 0 AS excluded_people, breakdown_value IN (SELECT breakdown_value FROM top) AS is_top, "
+        "if(is_top, breakdown_value, '') AS value "
+        "FROM per_person WHERE level >= 1 AND excluded = 0 AND guard = 0 "
+        "GROUP BY is_top, value ORDER BY is_top DESC, counts[1] DESC, value"
+    )
+    out: list[FunnelBreakdownValue] = []
+    for row in run(client, sql, q):
+        series = _series(definition, dict(zip(names, row[: len(names)], strict=True)))
+        is_top = bool(row[len(names)])
+        out.append(
+            FunnelBreakdownValue(value=row[-1] if is_top else "Other", is_other=not is_top, **series.model_dump())
+        )
+    return out
+
+
+def funnel_people(
+    client: Any,
+    definition: FunnelDefinition,
+    time_range: TimeRange,
+    step: int,
+    status: Literal["reached", "dropped"] = "reached",
+    filters: tuple[PropertyFilter, ...] = (),
+    cohort_id: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> FunnelPeople:
+    """People who reached ``step`` (1-based), or who reached it and went no further, by person id."""
+    n = len(definition.steps)
+    if not 1 <= step <= n:
+        raise ValueError(f"step must be within 1..{n}")
+    if status == "dropped" and step == n:
+        raise ValueError("nobody drops after the last step")
+    q = SQLBuilder()
+    per_person = _per_person_sql(q, definition, time_range, tuple(filters), cohort_id)
+    cond = f"level >= {step}" if status == "reached" else f"level = {step}"
+    lim, off = q.param(limit, "UInt64"), q.param(offset, "UInt64")
+    sql = (
+        f"WITH per_person AS ({per_person}), chosen AS (SELECT person_id FROM per_person "
+        f"WHERE excluded = 0 AND guard = 0 AND {cond}) "
+        f"SELECT (SELECT count() FROM chosen) AS total, person_id FROM chosen "
+        f"ORDER BY person_id LIMIT {lim} OFFSET {off}"
+    )
+    rows = run(client, sql, q)
+    total = int(rows[0][0]) if rows else _count_only(client, definition, time_range, filters, cohort_id, cond)
+    return FunnelPeople(step=step, status=status, total=total, people=[r[1] for r in rows])
+
+
+def _count_only(
+    client: Any,
+    definition: FunnelDefinition,
+    time_range: TimeRange,
+    filters: tuple[PropertyFilter, ...],
+    cohort_id: str | None,
+    cond: str,
+) -> int:
+    q = SQLBuilder()
+    per_person = _per_person_sql(q, definition, time_range, tuple(filters), cohort_id)
+    sql = f"SELECT count() FROM ({per_person}) WHERE excluded = 0 AND guard = 0 AND {cond}"
+    return int(run(client, sql, q)[0][0])
