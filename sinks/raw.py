@@ -1,0 +1,110 @@
+"""The raw sink: every tracked event on ``events.raw`` becomes one row of ClickHouse ``events``.
+
+Replays are harmless twice over (see :mod:`sinks.batch`): an exact retry of a batch is
+dropped by its ``insert_deduplication_token``, and a replay with different batch
+boundaries collapses in the ``ReplacingMergeTree`` keyed by ``event_id``.
+
+The hot loop is lean on purpose: one Avro decode per message, no JSON parsing
+(``properties`` and ``context`` travel as JSON text and are stored as-is; ClickHouse
+materialises the hot properties), and primitive values all the way into the insert.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+
+from schemas.codec import SchemaCodec, SchemaError, load_schema
+from sinks.batch import BatchSink, Row, SinkSpec, UndecodableMessage
+from tidemark.settings import Settings
+from tidemark.topics import EVENTS_RAW
+
+EVENTS_SINK = SinkSpec(
+    name="raw",
+    topic=EVENTS_RAW.name,
+    table="events",
+    columns=(
+        "event_id",
+        "event_type",
+        "event_name",
+        "user_id",
+        "anonymous_id",
+        "session_id",
+        "timestamp",
+        "received_at",
+        "source",
+        "properties",
+        "context",
+    ),
+)
+
+# Every version of the event schema, newest first (the same files ``schemas.codec.event_codec`` reads).
+EVENT_SCHEMA_FILES = ("analytics_event.avsc", "analytics_event.v1.avsc")
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _without_logical_types(schema: Any) -> Any:
+    """The schema with every ``logicalType`` annotation removed (the wire bytes are the same)."""
+    if isinstance(schema, dict):
+        return {key: _without_logical_types(value) for key, value in schema.items() if key != "logicalType"}
+    if isinstance(schema, list):
+        return [_without_logical_types(item) for item in schema]
+    return schema
+
+
+@cache
+def wire_event_codec() -> SchemaCodec:
+    """``event_codec()`` that hands back wire values: ids as text and timestamps as epoch milliseconds.
+
+    Logical types do not change the bytes or the schema fingerprint (the canonical form
+    drops them), so this codec reads exactly what ``event_codec()`` reads. Skipping the
+    ``UUID``/``datetime`` objects halves the decode cost, and ClickHouse takes the
+    primitive values directly, so the sink never converts them back.
+    """
+    current, *history = (_without_logical_types(load_schema(name)) for name in EVENT_SCHEMA_FILES)
+    return SchemaCodec(current, tuple(history))
+
+
+class RawEventSink(BatchSink):
+    """``events.raw`` → ClickHouse ``events``, one row per event, committed after the insert."""
+
+    def __init__(self, settings: Settings, client: Client) -> None:
+        super().__init__(EVENTS_SINK, settings, client)
+        self._decode = wire_event_codec().decode
+
+    def to_row(self, message: Message) -> Row:
+        """The ``events`` row of one message (``received_at`` falls back to the Kafka timestamp)."""
+        value = message.value()
+        if not value:
+            raise UndecodableMessage("undecodable", "empty message")
+        try:
+            record = self._decode(value)
+        except SchemaError as exc:
+            raise UndecodableMessage("undecodable", str(exc)) from exc
+        event_id = record["id"]
+        # A malformed id would make ClickHouse refuse the whole batch: refuse the one event instead.
+        if not _UUID.fullmatch(event_id):
+            raise UndecodableMessage("invalid_event_id", f"event id {event_id[:80]!r} is not a UUID")
+        received_at = record.get("receivedAt")
+        if received_at is None:
+            kind, received_at = message.timestamp()
+            if kind == TIMESTAMP_NOT_AVAILABLE:
+                received_at = record["timestamp"]
+        return (
+            event_id,
+            record["eventType"],
+            record["eventName"],
+            record["userId"] or "",
+            record["anonymousId"] or "",
+            record["sessionId"] or "",
+            record["timestamp"],
+            received_at,
+            record.get("source") or "unknown",
+            record["properties"],
+            record["context"],
+        )
