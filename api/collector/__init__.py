@@ -1,0 +1,1 @@
+"""The Segment-compatible collector: message validation and mapping (``segment``), context enrichment (``enrich``)."""
