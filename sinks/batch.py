@@ -293,6 +293,7 @@ class BatchSink:
         if not batch.messages:
             return True
         started = time.monotonic()
+        dead_letters = len(batch.dead_letters)
         try:
             self._deliver_dead_letters(batch)
             if batch.rows:
@@ -318,8 +319,8 @@ class BatchSink:
             self.committed_messages += batch.messages
             metrics.COMMITTED_MESSAGES.labels(**self._labels).inc(batch.messages)
         self._batch = PendingBatch()
-        log.info("Inserted %d %s rows (%d dead letters) from %d partitions in %.2fs (commit %.3fs)",
-                 len(batch.rows), self.spec.table, len(batch.dead_letters), len(batch.ranges),
+        log.info("Inserted %d rows into %s (%d dead letters) from %d partitions in %.2fs, committed in %.3fs",
+                 len(batch.rows), self.spec.table, dead_letters, len(batch.ranges),
                  inserted - started, time.monotonic() - inserted)
         return True
 
