@@ -299,3 +299,155 @@ def local_start(ts: datetime, period: str, tz: str, week_start: int = 1) -> date
     if period == "month":
         return day.replace(day=1)
     raise ValueError(period)
+
+
+# --- periods, retention, churn, lifecycle --------------------------------------------------------
+
+
+def period_index(ts: datetime, origin: datetime, period: str, tz: str, week_start: int = 1) -> int:
+    """Index of ``ts``'s period counted from the period containing ``origin`` (local calendar of ``tz``)."""
+    if period == "hour":
+        zone = ZoneInfo(tz)
+
+        def hour_start(x: datetime) -> float:
+            return x.astimezone(zone).replace(minute=0, second=0, microsecond=0).timestamp()
+
+        return int(hour_start(ts) - hour_start(origin)) // 3600
+    a, b = local_start(ts, period, tz, week_start), local_start(origin, period, tz, week_start)
+    if period == "day":
+        return (a - b).days
+    if period == "week":
+        return (a - b).days // 7
+    return (a.year * 12 + a.month) - (b.year * 12 + b.month)
+
+
+def observed_periods(origin: datetime, end: datetime, period: str, tz: str, week_start: int, n: int) -> int:
+    """How many of the ``n`` periods from ``origin``'s start before ``end``."""
+    count = 0
+    for i in range(n):
+        if period == "hour":
+            first = origin.astimezone(ZoneInfo(tz)).replace(minute=0, second=0, microsecond=0)
+            begins = datetime.fromtimestamp(first.timestamp() + 3600 * i, UTC)
+        else:
+            base = local_start(origin, period, tz, week_start)
+            if period == "day":
+                naive = base + timedelta(days=i)
+            elif period == "week":
+                naive = base + timedelta(days=7 * i)
+            else:
+                m = base.year * 12 + base.month - 1 + i
+                naive = datetime(m // 12, m % 12 + 1, 1)
+            begins = naive.replace(tzinfo=ZoneInfo(tz))
+        if begins < end:
+            count += 1
+    return count
+
+
+def retention_reference(
+    events: Sequence[Event],
+    definition: Any,
+    start: datetime,
+    end: datetime,
+    tz: str = "UTC",
+    week_start: int = 1,
+    filters: Sequence[Any] = (),
+) -> list[list[int]]:
+    """The retention matrix counts (observed cohorts and cells only)."""
+    n = definition.periods
+    people = resolve_people(events)
+    cohorts: dict[str, set[int]] = defaultdict(set)
+    back: dict[str, set[int]] = defaultdict(set)
+    first_start: dict[str, datetime] = {}
+    for e in events:
+        p = people[e.event_id]
+        if event_matches(e, definition.start_event.event_name, [*definition.start_event.filters, *filters]):
+            if p not in first_start or e.ts < first_start[p]:
+                first_start[p] = e.ts
+            i = period_index(e.ts, start, definition.period, tz, week_start)
+            if definition.cohort_type == "recurring" and e.ts < end and 0 <= i < n:
+                cohorts[p].add(i)
+        if event_matches(e, definition.return_event.event_name, [*definition.return_event.filters, *filters]):
+            i = period_index(e.ts, start, definition.period, tz, week_start)
+            if e.ts < end and 0 <= i < n:
+                back[p].add(i)
+    if definition.cohort_type == "first_time":
+        for p, ts in first_start.items():
+            i = period_index(ts, start, definition.period, tz, week_start)
+            if ts < end and 0 <= i < n:
+                cohorts[p].add(i)
+    observed = observed_periods(start, end, definition.period, tz, week_start, n)
+    matrix = [[0] * (observed - i) for i in range(observed)]
+    for p, cs in cohorts.items():
+        for c in cs:
+            if c >= observed:
+                continue
+            for k in range(observed - c):
+                if k == 0:
+                    hit = True
+                elif definition.return_type == "on":
+                    hit = (c + k) in back[p]
+                else:
+                    hit = any(r >= c + k for r in back[p])
+                matrix[c][k] += hit
+    return matrix
+
+
+def _activity(
+    events: Sequence[Event], definition: Any, start: datetime, end: datetime, tz: str, week_start: int
+) -> tuple[dict[str, set[int]], dict[str, int]]:
+    people = resolve_people(events)
+    active: dict[str, set[int]] = defaultdict(set)
+    first: dict[str, datetime] = {}
+    for e in events:
+        if e.ts >= end or not event_matches(e, definition.event.event_name, definition.event.filters):
+            continue
+        p = people[e.event_id]
+        active[p].add(period_index(e.ts, start, definition.period, tz, week_start))
+        if p not in first or e.ts < first[p]:
+            first[p] = e.ts
+    return active, {p: period_index(t, start, definition.period, tz, week_start) for p, t in first.items()}
+
+
+def churn_reference(
+    events: Sequence[Event], definition: Any, start: datetime, end: datetime, tz: str = "UTC", week_start: int = 1
+) -> list[tuple[int, list[str], list[str]]]:
+    """Per observed period: (active, churned people, reactivated people)."""
+    observed = observed_periods(start, end, definition.period, tz, week_start, definition.periods)
+    active, _ = _activity(events, definition, start, end, tz, week_start)
+    out = []
+    for p in range(observed):
+        act, churned, back = 0, [], []
+        for person, periods in active.items():
+            seen = {x for x in periods if 0 <= x < definition.periods}
+            if p not in seen:
+                continue
+            act += 1
+            if p == max(seen) and p < observed - 1:
+                churned.append(person)
+            if (p - 1) not in seen and min(seen) < p:
+                back.append(person)
+        out.append((act, sorted(churned), sorted(back)))
+    return out
+
+
+def lifecycle_reference(
+    events: Sequence[Event], definition: Any, start: datetime, end: datetime, tz: str = "UTC", week_start: int = 1
+) -> list[tuple[int, int, int, int]]:
+    """Per observed period: (new, returning, resurrecting, dormant)."""
+    observed = observed_periods(start, end, definition.period, tz, week_start, definition.periods)
+    active, first = _activity(events, definition, start, end, tz, week_start)
+    out = []
+    for p in range(observed):
+        new = returning = resurrecting = dormant = 0
+        for person, periods in active.items():
+            now, before = p in periods, (p - 1) in periods
+            if now and first[person] == p:
+                new += 1
+            elif now and before:
+                returning += 1
+            elif now and first[person] < p:
+                resurrecting += 1
+            elif before and not now:
+                dormant += 1
+        out.append((new, returning, resurrecting, dormant))
+    return out

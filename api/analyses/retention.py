@@ -1,0 +1,361 @@
+"""Retention, churn and reactivation, and lifecycle: who comes back, who stops, who returns.
+
+Periods
+-------
+Periods (hour, day, week, month) are cut in the reporting timezone
+(:class:`api.analyses.models.AnalysisSettings`): ``toStartOfHour/Day/Week/Month(timestamp, tz)``,
+weeks starting Monday (``week_start=1``) or Sunday (``week_start=7``). Period 0 is the period
+containing ``time_range.start``; an analysis covers ``periods`` consecutive *whole* periods
+(period 0 includes its events before ``time_range.start``), and only events before
+``time_range.end`` count; periods starting at or after ``time_range.end`` are not reported.
+A DST day is simply a 23- or 25-hour day; hours are real hours (the repeated local hour of an
+autumn night is two periods).
+
+Retention
+---------
+- Cohorts: ``first_time`` puts a person in the period of their first start event ever (also
+  before the range; if that is before period 0 they are in no cohort); ``recurring`` puts them
+  in every period where they did the start event.
+- Column 0 is the cohort's size. A person of cohort *i* counts in column *k* ≥ 1 when they
+  did the return event in period *i + k* (``on``), or in period *i + k* or later within the
+  analysed periods (``on_or_after``).
+- A cell exists while period *i + k* starts before ``time_range.end`` and *i + k* < ``periods``.
+- Percentages are of column 0 and of the previous column. Column averages: *weighted* =
+  Σ count / Σ cohort size over the cohorts that have the cell; *simple* = the mean of those
+  cohorts' percentages (cohorts of size 0 are skipped).
+- Analysis-wide filters apply to both events; ``cohort_id`` restricts the people.
+
+Churn and reactivation (over the activity event, any event by default)
+----------------------------------------------------------------------
+A person active in the analysed periods *churned after period p* when p is their last
+active period and p is not the last analysed period. They *reactivated in period p* when
+they are active in p, not in p − 1, and were active in some earlier analysed period.
+
+Lifecycle (PostHog-like, over the activity event; period −1 is also read)
+-------------------------------------------------------------------------
+For period p: *new* = active in p and their first activity ever is in p; *returning* = active
+in p and p − 1; *resurrecting* = active in p, not in p − 1, first activity before p;
+*dormant* = active in p − 1 and not in p (reported as a positive count).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.analyses.models import AnalysisSettings
+from api.analyses.query import ANY_EVENT, PropertyFilter, SQLBuilder, TimeRange, run
+
+Period = Literal["hour", "day", "week", "month"]
+
+#: UTC, weeks starting Monday.
+DEFAULT_SETTINGS = AnalysisSettings()
+
+
+class EventSpec(BaseModel):
+    """An event name (or ``$any``) with filters."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_name: str = Field(min_length=1, max_length=200)
+    filters: tuple[PropertyFilter, ...] = ()
+
+
+class RetentionDefinition(BaseModel):
+    """What a retention analysis asks."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start_event: EventSpec
+    return_event: EventSpec = EventSpec(event_name=ANY_EVENT)
+    period: Period = "week"
+    periods: int = Field(8, ge=1, le=400)
+    cohort_type: Literal["first_time", "recurring"] = "first_time"
+    return_type: Literal["on", "on_or_after"] = "on"
+
+
+class RetentionCohort(BaseModel):
+    """One row of the matrix."""
+
+    period_start: datetime = Field(description="Start of the cohort's period (aware, reporting timezone).")
+    size: int
+    counts: list[int] = Field(description="Column k: people back in period i + k (column 0 = size).")
+    of_start: list[float]
+    of_previous: list[float]
+
+
+class RetentionResult(BaseModel):
+    """The retention matrix with its column averages."""
+
+    period: Period
+    cohorts: list[RetentionCohort]
+    weighted_average: list[float | None]
+    simple_average: list[float | None]
+
+
+class ActivityDefinition(BaseModel):
+    """What counts as being active, for churn/reactivation and lifecycle."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event: EventSpec = EventSpec(event_name=ANY_EVENT)
+    period: Period = "week"
+    periods: int = Field(8, ge=1, le=400)
+
+
+class ChurnPeriod(BaseModel):
+    """Churned and reactivated people of one period (counts and a sample of ids)."""
+
+    period_start: datetime
+    active: int
+    churned: int = Field(description="Last active in this period (not the last analysed period).")
+    reactivated: int = Field(description="Back in this period after at least one inactive period.")
+    churned_people: list[str]
+    reactivated_people: list[str]
+
+
+class ChurnResult(BaseModel):
+    """Who stopped and when, who came back and when."""
+
+    period: Period
+    periods: list[ChurnPeriod]
+
+
+class LifecyclePeriod(BaseModel):
+    """Lifecycle counts of one period."""
+
+    period_start: datetime
+    new: int
+    returning: int
+    resurrecting: int
+    dormant: int
+
+
+class LifecycleResult(BaseModel):
+    """Lifecycle per period."""
+
+    period: Period
+    periods: list[LifecyclePeriod]
+
+
+# --- periods ----------------------------------------------------------------------------------
+
+
+def _period_index(q: SQLBuilder, period: Period, settings: AnalysisSettings, start: datetime, ts: str) -> str:
+    """SQL for the index of ``ts``'s period relative to the period containing ``start``."""
+    tz = q.param(settings.timezone, "String")
+    origin = q.param(start, "DateTime64(3, 'UTC')")
+
+    def number(expr: str) -> str:
+        if period == "hour":
+            return f"intDiv(toUnixTimestamp(toStartOfHour({expr}, {tz})), 3600)"
+        if period == "day":
+            return f"toRelativeDayNum(toDate({expr}, {tz}))"
+        if period == "week":
+            return f"toRelativeDayNum(toStartOfWeek({expr}, {settings.week_mode}, {tz}))"
+        return f"toRelativeMonthNum({expr}, {tz})"
+
+    diff = f"(toInt64({number(ts)}) - toInt64({number(origin)}))"
+    return f"intDiv({diff}, 7)" if period == "week" else diff
+
+
+def period_starts(period: Period, settings: AnalysisSettings, start: datetime, count: int) -> list[datetime]:
+    """Starts of ``count`` periods from the one containing ``start``, as aware datetimes in the reporting zone."""
+    zone = ZoneInfo(settings.timezone)
+    local = start.astimezone(zone)
+    if period == "hour":
+        # Whole real hours: the repeated hour of an autumn night is two periods.
+        base = local.replace(minute=0, second=0, microsecond=0).timestamp()
+        return [datetime.fromtimestamp(base + 3600 * i, zone) for i in range(count)]
+    day = local.replace(tzinfo=None, hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        naive = [day + timedelta(days=i) for i in range(count)]
+    elif period == "week":
+        back = day.weekday() if settings.week_start == 1 else (day.weekday() + 1) % 7
+        naive = [day - timedelta(days=back) + timedelta(weeks=i) for i in range(count)]
+    else:
+        months = day.year * 12 + day.month - 1
+        naive = [datetime((months + i) // 12, (months + i) % 12 + 1, 1) for i in range(count)]
+    return [d.replace(tzinfo=zone) for d in naive]
+
+
+def _observed(starts: list[datetime], end: datetime) -> int:
+    """How many of the periods start before ``end`` (the rest are not observable yet)."""
+    return sum(1 for s in starts if s < end)
+
+
+# --- retention --------------------------------------------------------------------------------
+
+
+def compute_retention(
+    client: Any,
+    definition: RetentionDefinition,
+    time_range: TimeRange,
+    settings: AnalysisSettings = DEFAULT_SETTINGS,
+    filters: tuple[PropertyFilter, ...] = (),
+    cohort_id: str | None = None,
+) -> RetentionResult:
+    """The retention matrix (semantics in the module docstring)."""
+    q = SQLBuilder()
+    n = definition.periods
+    filters = tuple(filters)
+    start_cond = q.event_condition(definition.start_event.event_name, definition.start_event.filters + filters)
+    return_cond = q.event_condition(definition.return_event.event_name, definition.return_event.filters + filters)
+    people = q.in_cohort(cohort_id)
+    end_param = q.param(time_range.end, "DateTime64(3, 'UTC')")
+    in_range = f"timestamp < {end_param}"
+    idx = _period_index(q, definition.period, settings, time_range.start, "timestamp")
+    n_param = q.param(n, "Int64")
+    if definition.cohort_type == "first_time":
+        first_idx = _period_index(q, definition.period, settings, time_range.start, "min(timestamp)")
+        end = q.param(time_range.end, "DateTime64(3, 'UTC')")
+        starts = (
+            f"SELECT person_id, [{first_idx}] AS cohorts FROM events_resolved WHERE {start_cond} AND {people} "
+            f"GROUP BY person_id HAVING cohorts[1] >= 0 AND cohorts[1] < {n_param} AND min(timestamp) < {end}"
+        )
+    else:
+        starts = (
+            f"SELECT person_id, groupUniqArray({idx}) AS cohorts FROM events_resolved "
+            f"WHERE {start_cond} AND {in_range} AND {people} AND {idx} >= 0 AND {idx} < {n_param} GROUP BY person_id"
+        )
+    returns = (
+        f"SELECT person_id, groupUniqArray({idx}) AS back FROM events_resolved "
+        f"WHERE {return_cond} AND {in_range} AND {people} AND {idx} >= 1 AND {idx} < {n_param} GROUP BY person_id"
+    )
+    came_back = "has(back, c + k)" if definition.return_type == "on" else "arrayExists(r -> r >= c + k, back)"
+    sql = (
+        f"SELECT c, k, count() FROM (SELECT s.person_id AS person_id, c, r.back AS back "
+        f"FROM ({starts}) AS s LEFT JOIN ({returns}) AS r ON r.person_id = s.person_id ARRAY JOIN s.cohorts AS c) "
+        f"ARRAY JOIN range(toUInt64({n_param} - c)) AS k WHERE k = 0 OR {came_back} GROUP BY c, k"
+    )
+    counts = [[0] * (n - i) for i in range(n)]
+    for c, k, value in run(client, sql, q, {"join_use_nulls": 0}):
+        counts[int(c)][int(k)] = int(value)
+    starts_local = period_starts(definition.period, settings, time_range.start, n)
+    observed = _observed(starts_local, time_range.end)
+    cohorts: list[RetentionCohort] = []
+    for i in range(observed):
+        row = counts[i][: observed - i]
+        width = len(row)
+        size = row[0]
+        cohorts.append(
+            RetentionCohort(
+                period_start=starts_local[i],
+                size=size,
+                counts=row,
+                of_start=[v / size if size else 0.0 for v in row],
+                of_previous=[1.0 if k == 0 else (row[k] / row[k - 1] if row[k - 1] else 0.0) for k in range(width)],
+            )
+        )
+    weighted: list[float | None] = []
+    simple: list[float | None] = []
+    for k in range(n):
+        rows = [c for c in cohorts if len(c.counts) > k and c.size > 0]
+        total = sum(c.size for c in rows)
+        weighted.append(sum(c.counts[k] for c in rows) / total if total else None)
+        simple.append(sum(c.counts[k] / c.size for c in rows) / len(rows) if rows else None)
+    return RetentionResult(period=definition.period, cohorts=cohorts, weighted_average=weighted, simple_average=simple)
+
+
+# --- activity: churn, reactivation, lifecycle -------------------------------------------------
+
+
+def _activity_sql(
+    q: SQLBuilder,
+    definition: ActivityDefinition,
+    time_range: TimeRange,
+    settings: AnalysisSettings,
+    filters: tuple[PropertyFilter, ...],
+    cohort_id: str | None,
+    from_index: int,
+) -> str:
+    """Per person: the sorted distinct active period indices (from ``from_index``) and the first activity ever."""
+    cond = q.event_condition(definition.event.event_name, definition.event.filters + tuple(filters))
+    idx = _period_index(q, definition.period, settings, time_range.start, "timestamp")
+    end = q.param(time_range.end, "DateTime64(3, 'UTC')")
+    lo, hi = q.param(from_index, "Int64"), q.param(definition.periods, "Int64")
+    first = _period_index(q, definition.period, settings, time_range.start, "min(timestamp)")
+    return (
+        f"SELECT person_id, arraySort(groupUniqArrayIf({idx}, {idx} >= {lo} AND {idx} < {hi} "
+        f"AND timestamp < {end})) AS active, {first} AS first_index "
+        f"FROM events_resolved WHERE {cond} AND {q.in_cohort(cohort_id)} AND timestamp < {end} "
+        f"GROUP BY person_id HAVING notEmpty(active)"
+    )
+
+
+def compute_churn(
+    client: Any,
+    definition: ActivityDefinition,
+    time_range: TimeRange,
+    settings: AnalysisSettings = DEFAULT_SETTINGS,
+    filters: tuple[PropertyFilter, ...] = (),
+    cohort_id: str | None = None,
+    people_limit: int = 100,
+) -> ChurnResult:
+    """Per period: active people, who churned after it and who reactivated in it (with samples of ids)."""
+    starts = period_starts(definition.period, settings, time_range.start, definition.periods)
+    observed = _observed(starts, time_range.end)
+    q = SQLBuilder()
+    per_person = _activity_sql(q, definition, time_range, settings, filters, cohort_id, 0)
+    # Nobody has churned after the last period we can see yet.
+    last = q.param(observed - 1, "Int64")
+    limit = q.param(people_limit, "UInt64")
+    sql = (
+        f"SELECT p, count(), countIf(churned), countIf(reactivated), "
+        f"arraySlice(arraySort(groupArrayIf(person_id, churned)), 1, {limit}), "
+        f"arraySlice(arraySort(groupArrayIf(person_id, reactivated)), 1, {limit}) FROM ("
+        f"SELECT person_id, p, p = active[-1] AND p < {last} AS churned, "
+        f"NOT has(active, p - 1) AND active[1] < p AS reactivated "
+        f"FROM ({per_person}) ARRAY JOIN active AS p) GROUP BY p ORDER BY p"
+    )
+    rows = {int(r[0]): r for r in run(client, sql, q)}
+    out = []
+    for i, start in enumerate(starts[:observed]):
+        r = rows.get(i)
+        out.append(
+            ChurnPeriod(
+                period_start=start,
+                active=int(r[1]) if r else 0,
+                churned=int(r[2]) if r else 0,
+                reactivated=int(r[3]) if r else 0,
+                churned_people=list(r[4]) if r else [],
+                reactivated_people=list(r[5]) if r else [],
+            )
+        )
+    return ChurnResult(period=definition.period, periods=out)
+
+
+def compute_lifecycle(
+    client: Any,
+    definition: ActivityDefinition,
+    time_range: TimeRange,
+    settings: AnalysisSettings = DEFAULT_SETTINGS,
+    filters: tuple[PropertyFilter, ...] = (),
+    cohort_id: str | None = None,
+) -> LifecycleResult:
+    """New, returning, resurrecting and dormant people per period (semantics in the module docstring)."""
+    q = SQLBuilder()
+    per_person = _activity_sql(q, definition, time_range, settings, filters, cohort_id, -1)
+    n = q.param(definition.periods, "Int64")
+    # For every period p in 0..n-1, classify each person who was active in p or p-1.
+    sql = (
+        f"SELECT p, countIf(now_ AND first_index = p) AS new, countIf(now_ AND before AND first_index < p), "
+        f"countIf(now_ AND NOT before AND first_index < p), countIf(before AND NOT now_) FROM ("
+        f"SELECT p, has(active, p) AS now_, has(active, p - 1) AS before, first_index FROM ({per_person}) "
+        f"ARRAY JOIN arrayDistinct(arrayFilter(x -> x >= 0 AND x < {n}, arrayConcat(active, "
+        f"arrayMap(x -> x + 1, active)))) AS p) GROUP BY p ORDER BY p"
+    )
+    rows = {int(r[0]): r for r in run(client, sql, q)}
+    starts = period_starts(definition.period, settings, time_range.start, definition.periods)
+    out = []
+    for i, start in enumerate(starts[: _observed(starts, time_range.end)]):
+        r = rows.get(i, (i, 0, 0, 0, 0))
+        out.append(
+            LifecyclePeriod(
+                period_start=start, new=int(r[1]), returning=int(r[2]), resurrecting=int(r[3]), dormant=int(r[4])
+            )
+        )
+    return LifecycleResult(period=definition.period, periods=out)
