@@ -70,41 +70,50 @@ def wire_event_codec() -> SchemaCodec:
     return SchemaCodec(current, tuple(history))
 
 
+def event_row(message: Message) -> Row:
+    """The ``events`` row of one ``events.raw`` message, or :class:`UndecodableMessage`.
+
+    ``received_at`` falls back to the Kafka message timestamp for producers that do not
+    set ``receivedAt`` (schema version 1, or SDKs that leave it out).
+    """
+    value = message.value()
+    if not value:
+        raise UndecodableMessage("undecodable", "empty message")
+    try:
+        record = _decode_event(value)
+    except SchemaError as exc:
+        raise UndecodableMessage("undecodable", str(exc)) from exc
+    event_id = record["id"]
+    # A malformed id would make ClickHouse refuse the whole batch: refuse the one event instead.
+    if not _UUID.fullmatch(event_id):
+        raise UndecodableMessage("invalid_event_id", f"event id {event_id[:80]!r} is not a UUID")
+    received_at = record.get("receivedAt")
+    if received_at is None:
+        kind, received_at = message.timestamp()
+        if kind == TIMESTAMP_NOT_AVAILABLE:
+            received_at = record["timestamp"]
+    return (
+        event_id,
+        record["eventType"],
+        record["eventName"],
+        record["userId"] or "",
+        record["anonymousId"] or "",
+        record["sessionId"] or "",
+        record["timestamp"],
+        received_at,
+        record.get("source") or "unknown",
+        record["properties"],
+        record["context"],
+    )
+
+
+_decode_event = wire_event_codec().decode
+
+
 class RawEventSink(BatchSink):
     """``events.raw`` → ClickHouse ``events``, one row per event, committed after the insert."""
 
     def __init__(self, settings: Settings, client: Client) -> None:
         super().__init__(EVENTS_SINK, settings, client)
-        self._decode = wire_event_codec().decode
 
-    def to_row(self, message: Message) -> Row:
-        """The ``events`` row of one message (``received_at`` falls back to the Kafka timestamp)."""
-        value = message.value()
-        if not value:
-            raise UndecodableMessage("undecodable", "empty message")
-        try:
-            record = self._decode(value)
-        except SchemaError as exc:
-            raise UndecodableMessage("undecodable", str(exc)) from exc
-        event_id = record["id"]
-        # A malformed id would make ClickHouse refuse the whole batch: refuse the one event instead.
-        if not _UUID.fullmatch(event_id):
-            raise UndecodableMessage("invalid_event_id", f"event id {event_id[:80]!r} is not a UUID")
-        received_at = record.get("receivedAt")
-        if received_at is None:
-            kind, received_at = message.timestamp()
-            if kind == TIMESTAMP_NOT_AVAILABLE:
-                received_at = record["timestamp"]
-        return (
-            event_id,
-            record["eventType"],
-            record["eventName"],
-            record["userId"] or "",
-            record["anonymousId"] or "",
-            record["sessionId"] or "",
-            record["timestamp"],
-            received_at,
-            record.get("source") or "unknown",
-            record["properties"],
-            record["context"],
-        )
+    to_row = staticmethod(event_row)  # type: ignore[assignment]

@@ -50,40 +50,47 @@ def payload_text(payload: bytes) -> str:
         return BASE64_PREFIX + base64.b64encode(payload).decode("ascii")
 
 
+def dead_letter_row(message: Message) -> Row:
+    """The ``events_rejected`` row of one ``events.dlq`` message, or :class:`UndecodableMessage`."""
+    value = message.value()
+    if not value:
+        raise UndecodableMessage("undecodable_dead_letter", "empty message")
+    try:
+        record = dead_letter_codec().decode(value)
+    except SchemaError as exc:
+        raise UndecodableMessage("undecodable_dead_letter", str(exc)) from exc
+    return (
+        record["id"],
+        record["rejectedAt"],
+        record["source"],
+        record["reason"],
+        record.get("detail") or "",
+        payload_text(record["payload"]),
+    )
+
+
+def undecodable_dead_letter_row(message: Message, error: UndecodableMessage) -> Row:
+    """The row of a dead letter that cannot be decoded: id from its offset, time from Kafka."""
+    where = f"{message.topic()}:{message.partition()}:{message.offset()}"
+    _kind, millis = message.timestamp()
+    return (
+        uuid.uuid5(_OFFSET_NAMESPACE, where),
+        datetime.fromtimestamp(max(millis, 0) / 1000, tz=UTC),
+        "sink",
+        error.reason,
+        f"{where}: {error.detail}"[:2000],
+        payload_text(message.value() or b""),
+    )
+
+
 class RejectedSink(BatchSink):
     """``events.dlq`` → ClickHouse ``events_rejected``, committed after the insert."""
 
     def __init__(self, settings: Settings, client: Client) -> None:
         super().__init__(REJECTED_SINK, settings, client)
-        self._decode = dead_letter_codec().decode
 
-    def to_row(self, message: Message) -> Row:
-        """The ``events_rejected`` row of one dead letter."""
-        value = message.value()
-        if not value:
-            raise UndecodableMessage("undecodable_dead_letter", "empty message")
-        try:
-            record = self._decode(value)
-        except SchemaError as exc:
-            raise UndecodableMessage("undecodable_dead_letter", str(exc)) from exc
-        return (
-            record["id"],
-            record["rejectedAt"],
-            record["source"],
-            record["reason"],
-            record.get("detail") or "",
-            payload_text(record["payload"]),
-        )
+    to_row = staticmethod(dead_letter_row)  # type: ignore[assignment]
 
     def undecodable(self, message: Message, error: UndecodableMessage) -> Row | None:
         """Store an undecodable dead letter directly (re-dead-lettering it would loop)."""
-        where = f"{message.topic()}:{message.partition()}:{message.offset()}"
-        _kind, millis = message.timestamp()
-        return (
-            uuid.uuid5(_OFFSET_NAMESPACE, where),
-            datetime.fromtimestamp(max(millis, 0) / 1000, tz=UTC),
-            "sink",
-            error.reason,
-            f"{where}: {error.detail}"[:2000],
-            payload_text(message.value() or b""),
-        )
+        return undecodable_dead_letter_row(message, error)
