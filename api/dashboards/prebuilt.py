@@ -1,0 +1,209 @@
+"""The four pre-built dashboards (Executive, Financial, Community, Projects), created on first start.
+
+They are owned by the bootstrap admin, readable by every key and editable by admins; anyone
+with the analyst role duplicates one to make it their own. Each is identified by a slug, so
+seeding is idempotent and never overwrites an admin's edits.
+
+Definitions that are not plain catalogue metrics live here as read-only SQL, documented:
+
+- retention rate (weekly): of the people active in the previous week, the share active again
+  in this week (weeks start on ``settings.week_start`` in the reporting timezone);
+- float balance: running sum over the range of money entering the platform's hands
+  (contributions net of fees, loan repayments) minus money leaving it (payouts of funded
+  projects, refunds of expired ones, loan disbursements);
+- gross margin: (revenue - cost of revenue) / revenue per day, where revenue is processing fees
+  plus ad revenue and the cost of revenue is what the card network charges on each contribution
+  (``CARD_COST_RATE`` of the amount plus ``CARD_COST_FIXED``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.auth import BOOTSTRAP_ADMIN_EMAIL, find_or_create_user
+from api.dashboards.models import DashboardIn
+from api.metadata.models import Dashboard
+
+CARD_COST_RATE = 0.022
+CARD_COST_FIXED = 0.20
+
+RETENTION_SQL = """
+WITH weekly AS (
+    SELECT person_id,
+           toDate(timestamp, {tz:String})
+             - ((toDayOfWeek(toDate(timestamp, {tz:String})) + 7 - {week_start:UInt8}) % 7) AS w
+    FROM events_resolved
+    WHERE timestamp >= {start:DateTime64(3, 'UTC')} - INTERVAL 14 DAY AND timestamp < {end:DateTime64(3, 'UTC')}
+    GROUP BY person_id, w
+)
+SELECT toDateTime(week, {tz:String}) AS t,
+       countIf(has(weeks, week) AND has(weeks, week - 7)) / countIf(has(weeks, week - 7)) AS retention_rate
+FROM (SELECT person_id, groupUniqArray(w) AS weeks FROM weekly GROUP BY person_id)
+ARRAY JOIN arrayDistinct(arrayConcat(weeks, arrayMap(x -> x + 7, weeks))) AS week
+WHERE week >= toDate({start:DateTime64(3, 'UTC')}, {tz:String})
+  AND toDateTime(week, {tz:String}) < {end:DateTime64(3, 'UTC')}
+GROUP BY week
+HAVING countIf(has(weeks, week - 7)) > 0
+ORDER BY week
+""".strip()
+
+FLOAT_BALANCE_SQL = """
+SELECT t, sum(net) OVER (ORDER BY t ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS float_balance
+FROM (
+    SELECT toDateTime(toDate(timestamp, {tz:String}), {tz:String}) AS t,
+           sum(multiIf(
+               event_name = 'fund_project', ifNull(amount, 0) - JSONExtractFloat(properties, 'fee'),
+               event_name = 'loan_repaid', ifNull(amount, 0),
+               event_name = 'loan_disbursed', -ifNull(amount, 0),
+               -JSONExtractFloat(properties, 'raised_amount'))) AS net
+    FROM events_resolved
+    WHERE timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')}
+      AND event_name IN ('fund_project', 'loan_repaid', 'loan_disbursed', 'project_funded', 'project_expired')
+    GROUP BY t
+)
+ORDER BY t
+""".strip()
+
+GROSS_MARGIN_SQL = f"""
+SELECT toDateTime(toDate(timestamp, {{tz:String}}), {{tz:String}}) AS t,
+       (revenue - cost) / revenue AS gross_margin
+FROM (
+    SELECT timestamp,
+           sumIf(JSONExtractFloat(properties, 'fee'), event_name = 'fund_project')
+             + sumIf(JSONExtractFloat(properties, 'revenue'), event_name = 'watch_ad') AS revenue,
+           sumIf(ifNull(amount, 0) * {CARD_COST_RATE} + {CARD_COST_FIXED}, event_name = 'fund_project') AS cost
+    FROM events_resolved
+    WHERE timestamp >= {{start:DateTime64(3, 'UTC')}} AND timestamp < {{end:DateTime64(3, 'UTC')}}
+      AND event_name IN ('fund_project', 'watch_ad')
+    GROUP BY timestamp
+)
+GROUP BY t
+HAVING revenue > 0
+ORDER BY t
+""".strip()
+
+LEADERBOARD_SQL = """
+SELECT community,
+       uniqExactIf(person_id, event_name = 'join_community') AS new_members,
+       uniqExactIf(person_id, event_name = 'fund_project') AS backers,
+       sumIf(ifNull(amount, 0), event_name = 'fund_project') AS raised,
+       countIf(event_name = 'project_funded') AS projects_funded
+FROM events_resolved
+WHERE timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')} AND community != ''
+GROUP BY community
+ORDER BY raised DESC, community
+LIMIT 20
+""".strip()
+
+
+def _metric(
+    title: str, widget_type: str, metric: str, x: int, y: int, w: int = 4, h: int = 3, **source: Any
+) -> dict[str, Any]:
+    return {
+        "title": title,
+        "widget_type": widget_type,
+        "position": {"x": x, "y": y, "w": w, "h": h},
+        "data_source": {"kind": "metric", "metric": metric, **source},
+    }
+
+
+def _metrics(
+    title: str, widget_type: str, metrics: list[str], labels: list[str], x: int, y: int, w: int = 6, h: int = 4
+) -> dict[str, Any]:
+    return {
+        "title": title,
+        "widget_type": widget_type,
+        "position": {"x": x, "y": y, "w": w, "h": h},
+        "data_source": {"kind": "metrics", "metrics": metrics, "labels": labels},
+    }
+
+
+def _sql(title: str, widget_type: str, sql: str, x: int, y: int, w: int = 6, h: int = 4) -> dict[str, Any]:
+    return {
+        "title": title,
+        "widget_type": widget_type,
+        "position": {"x": x, "y": y, "w": w, "h": h},
+        "data_source": {"kind": "sql", "sql": sql},
+    }
+
+
+REVENUE_SOURCES = (["ad_revenue", "processing_fees"], ["Ads", "Processing fees"])
+
+PREBUILT: dict[str, dict[str, Any]] = {
+    "executive": {
+        "name": "Executive",
+        "description": "Revenue, active people, projects, loans, community growth and retention at a glance.",
+        "widgets": [
+            _metrics("Total revenue by source", "bar", *REVENUE_SOURCES, x=0, y=0, w=8),
+            _metric("Daily active users", "line", "dau", 8, 0, granularity="day"),
+            _metric("Weekly active users", "line", "wau", 0, 4, granularity="week"),
+            _metric("Monthly active users", "line", "mau", 4, 4, granularity="month"),
+            _metric("Projects funded", "metric_card", "projects_funded", 8, 4),
+            _metric("Loans disbursed", "metric_card", "loans_disbursed", 0, 7),
+            _metric("Community growth (joins)", "line", "community_joins", 4, 7),
+            _sql("Weekly retention rate", "line", RETENTION_SQL, 8, 7, w=4, h=3),
+        ],
+    },
+    "financial": {
+        "name": "Financial",
+        "description": "Revenue by stream, transaction volume and size, float, fees and margin.",
+        "widgets": [
+            _metrics("Revenue by stream", "bar", *REVENUE_SOURCES, x=0, y=0),
+            _metric("Transaction volume", "line", "gmv", 6, 0, w=6, h=4),
+            _metric("Average transaction size", "line", "avg_transaction_size", 0, 4),
+            _sql("Float balance (running net inflow)", "line", FLOAT_BALANCE_SQL, 4, 4, w=4, h=3),
+            _metric("Processing fees", "metric_card", "processing_fees", 8, 4),
+            _sql("Gross margin", "line", GROSS_MARGIN_SQL, 0, 7),
+        ],
+    },
+    "community": {
+        "name": "Community",
+        "description": "Community activity, engagement, project success, geography and the leaderboard.",
+        "widgets": [
+            _metric("Community activity", "line", "community_activity", 0, 0, w=6, h=4, breakdown="community", top_n=5),
+            _metric("Member engagement (events per active person)", "line", "events_per_user", 6, 0, w=6, h=4),
+            _metric("Project success rate", "line", "project_success_rate", 0, 4, granularity="week"),
+            _metric(
+                "Geographic distribution (active people)",
+                "geo_map",
+                "active_users",
+                4,
+                4,
+                breakdown="country",
+                top_n=50,
+            ),
+            _sql("Community leaderboard", "table", LEADERBOARD_SQL, 0, 8, w=12, h=5),
+        ],
+    },
+    "projects": {
+        "name": "Projects",
+        "description": "Funding velocity, success rates, categories, time to fund and backer conversion.",
+        "widgets": [
+            _metric("Funding velocity (money contributed)", "line", "gmv", 0, 0, w=6, h=4),
+            _metric("Success rate", "metric_card", "project_success_rate", 6, 0),
+            _metric("Projects by category", "pie", "projects_created", 0, 4, breakdown="category", top_n=10),
+            _metric("Average funding time (days)", "metric_card", "avg_funding_time", 4, 4),
+            _metric("Backer conversion", "line", "backer_conversion", 8, 4, granularity="week"),
+        ],
+    },
+}
+
+
+def ensure_prebuilt(sessions: sessionmaker[Session]) -> list[str]:
+    """Create the pre-built dashboards that do not exist yet; return the slugs created."""
+    created: list[str] = []
+    from api.routes.dashboards import create_dashboard_row
+
+    with sessions() as session:
+        existing = set(session.scalars(select(Dashboard.prebuilt_slug).where(Dashboard.prebuilt_slug.is_not(None))))
+        owner = find_or_create_user(session, BOOTSTRAP_ADMIN_EMAIL, "Administrator")
+        for slug, definition in PREBUILT.items():
+            if slug in existing:
+                continue
+            create_dashboard_row(session, owner.id, DashboardIn.model_validate(definition), prebuilt_slug=slug)
+            created.append(slug)
+        session.commit()
+    return created
