@@ -546,7 +546,15 @@ _OTHER_KEY = "\x00other"
 class MetricsEngine:
     """Answers metric queries from ``metric_snapshots`` and ``events_resolved`` in one ClickHouse database."""
 
-    def __init__(self, client: Any, catalogue: MetricCatalogue, timezone: str = "UTC", week_start: int = 1) -> None:
+    def __init__(
+        self,
+        client: Any,
+        catalogue: MetricCatalogue,
+        timezone: str = "UTC",
+        week_start: int = 1,
+        use_snapshots: bool = True,
+    ) -> None:
+        self.use_snapshots = use_snapshots
         self.client = client
         self.catalogue = catalogue
         self.timezone = timezone
@@ -601,7 +609,7 @@ class MetricsEngine:
             return self._breakdown(metric, query, window, starts), "raw"
         values: dict[datetime, float] = {}
         from_snapshots: set[datetime] = set()
-        if not query.filters:
+        if self.use_snapshots and not query.filters:
             values = self._snapshot_values(metric, query.granularity, window, starts)
             from_snapshots = set(values)
         missing = [s for s in starts if s not in values]
