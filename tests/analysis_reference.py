@@ -451,3 +451,47 @@ def lifecycle_reference(
                 dormant += 1
         out.append((new, returning, resurrecting, dormant))
     return out
+
+
+# --- experiments --------------------------------------------------------------------------------
+
+
+def experiment_reference(
+    events: Sequence[Event], definition: Any, start: datetime, end: datetime
+) -> tuple[dict[str, tuple[int, int, list[float]]], int]:
+    """Per variant (exposed, converted, metric values sorted) and the number of multi-variant people."""
+    people = resolve_people(events)
+    first: dict[str, datetime] = {}
+    seen: dict[str, set[str]] = defaultdict(set)
+    for e in events:
+        if (
+            e.name == "experiment_exposure"
+            and e.properties.get("experiment") == definition.key
+            and start <= e.ts < end
+        ):
+            p = people[e.event_id]
+            seen[p].add(e.properties.get("variant", ""))
+            first[p] = min(first.get(p, e.ts), e.ts)
+    mine: dict[str, list[Event]] = defaultdict(list)
+    for e in events:
+        mine[people[e.event_id]].append(e)
+    out: dict[str, tuple[int, int, list[float]]] = {}
+    multiple = 0
+    for p, variants in seen.items():
+        if len(variants) > 1:
+            multiple += 1
+            continue
+        (variant,) = variants
+        after = [e for e in mine[p] if first[p] <= e.ts < end]
+        conversion = definition.conversion
+        converted = any(event_matches(e, conversion.event_name, conversion.filters) for e in after)
+        value = 0.0
+        if definition.continuous is not None:
+            for e in after:
+                if event_matches(e, definition.continuous.event_name, definition.continuous.filters):
+                    raw = e.properties.get(definition.continuous.property)
+                    if isinstance(raw, int | float):
+                        value += float(raw)
+        users, conversions, values = out.get(variant, (0, 0, []))
+        out[variant] = (users + 1, conversions + converted, [*values, value])
+    return {k: (u, c, sorted(v)) for k, (u, c, v) in out.items()}, multiple
