@@ -190,6 +190,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        3,
+        "computed cohort membership",
+        (
+            # One row per (cohort, computation, person); analyses read the latest finished computation.
+            """
+            CREATE TABLE IF NOT EXISTS cohort_members (
+                cohort_id String,
+                person_id String,
+                computed_at DateTime64(3, 'UTC')
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (cohort_id, computed_at, person_id)
+            TTL toDateTime(computed_at) + INTERVAL 30 DAY
+            """,
+            # Written after the members: a computation is visible once its row is here.
+            """
+            CREATE TABLE IF NOT EXISTS cohorts_computed (
+                cohort_id String,
+                user_count UInt64,
+                computed_at DateTime64(3, 'UTC'),
+                expires_at DateTime64(3, 'UTC')
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (cohort_id, computed_at)
+            """,
+        ),
+    ),
 )
 
 
