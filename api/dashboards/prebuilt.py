@@ -68,20 +68,18 @@ ORDER BY t
 """.strip()
 
 GROSS_MARGIN_SQL = f"""
-SELECT toDateTime(toDate(timestamp, {{tz:String}}), {{tz:String}}) AS t,
-       (revenue - cost) / revenue AS gross_margin
+SELECT t, (revenue - cost) / revenue AS gross_margin
 FROM (
-    SELECT timestamp,
+    SELECT toDateTime(toDate(timestamp, {{tz:String}}), {{tz:String}}) AS t,
            sumIf(JSONExtractFloat(properties, 'fee'), event_name = 'fund_project')
              + sumIf(JSONExtractFloat(properties, 'revenue'), event_name = 'watch_ad') AS revenue,
            sumIf(ifNull(amount, 0) * {CARD_COST_RATE} + {CARD_COST_FIXED}, event_name = 'fund_project') AS cost
     FROM events_resolved
     WHERE timestamp >= {{start:DateTime64(3, 'UTC')}} AND timestamp < {{end:DateTime64(3, 'UTC')}}
       AND event_name IN ('fund_project', 'watch_ad')
-    GROUP BY timestamp
+    GROUP BY t
 )
-GROUP BY t
-HAVING revenue > 0
+WHERE revenue > 0
 ORDER BY t
 """.strip()
 
