@@ -195,6 +195,11 @@ class BatchSink:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def pending_messages(self) -> int:
+        """Messages consumed into the open batch and not yet committed."""
+        return self._batch.messages
+
+    @property
     def error(self) -> BaseException | None:
         """The exception that ended the consuming thread, if one did."""
         return self._error
@@ -408,6 +413,7 @@ class BatchSink:
             log.warning("%s: could not read committed offsets: %s", self.name, exc)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("%s revoked %s with %d messages pending", self.name, _describe(partitions), self._batch.messages)
         if self._batch.messages and not self._make_durable():
             log.warning("%s: partitions revoked with an undurable batch: dropping %d messages for the next owner",
                         self.name, self._batch.messages)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from prometheus_client import REGISTRY
 
 from sinks.batch import PendingBatch
 from sinks.raw import EVENTS_SINK, RawEventSink
@@ -123,3 +124,58 @@ def test_exact_retry_is_dropped_by_the_token(sink_settings: Settings, ch_db: Cli
     assert ch_db.query("SELECT count() FROM events").result_rows[0][0] == 60
     assert count_final(ch_db) == 30  # ... and ReplacingMergeTree collapses them
     assert EVENTS_SINK.columns[0] == "event_id"
+
+
+def test_a_rebalance_flushes_the_open_batch_and_a_stop_flushes_the_rest(
+    sink_settings: Settings, ch_db: Client, running_sinks: list[RawEventSink]
+) -> None:
+    """Scale-out: a second sink joins mid-batch; every event still lands exactly once."""
+    settings = sink_settings.model_copy(update={"sink_batch_max_rows": 10_000, "sink_batch_max_seconds": 120.0})
+    first_half, second_half = make_events(600, seed=31), make_events(600, seed=32)
+    produce(settings, EVENTS_RAW.name, encode_events(first_half))
+    one = RawEventSink(settings, ch_db)
+    running_sinks.append(one)
+    one.start()
+    wait_for(lambda: one.pending_messages == len(first_half), 60, "the first sink to hold an open batch")
+    assert one.committed_messages == 0
+
+    two = RawEventSink(settings, ch_db)
+    running_sinks.append(two)
+    two.start()
+    # The join revokes the first sink's partitions: it must insert and commit its open batch then.
+    wait_for(lambda: one.committed_messages == len(first_half), 60, "the revoked batch to be committed")
+    assert count_final(ch_db) == len(first_half)
+
+    produce(settings, EVENTS_RAW.name, encode_events(second_half), key_prefix="second")
+    wait_for(lambda: one.pending_messages + two.pending_messages == len(second_half), 60,
+             "both sinks to hold the second half")
+    assert one.pending_messages and two.pending_messages  # the partitions really are shared
+    one.stop(15)
+    two.stop(15)  # graceful stops flush and commit
+    assert caught_up(settings, one.group_id, EVENTS_RAW.name)
+    expected = {e["id"] for e in first_half + second_half}
+    stored = {row[0] for row in ch_db.query("SELECT toString(event_id) FROM events FINAL").result_rows}
+    assert stored == expected
+    assert count_final(ch_db) == len(expected)
+
+
+def test_consumer_lag_metric_reaches_zero(
+    sink_settings: Settings, ch_db: Client, running_sinks: list[RawEventSink]
+) -> None:
+    produce(sink_settings, EVENTS_RAW.name, encode_events(make_events(300, seed=41)))
+    sink = RawEventSink(sink_settings, ch_db)
+    running_sinks.append(sink)
+    sink.start()
+    topic = sink_settings.topic(EVENTS_RAW.name)
+
+    def lags() -> dict[str, float]:
+        return {
+            sample.labels["partition"]: sample.value
+            for family in REGISTRY.collect()
+            if family.name == "tidemark_sink_consumer_lag"
+            for sample in family.samples
+            if sample.labels["topic"] == topic
+        }
+
+    wait_for(lambda: len(lags()) == EVENTS_RAW.partitions and not any(lags().values()), 60, "lag 0 on every partition")
+    assert count_final(ch_db) == 300
