@@ -61,6 +61,8 @@ class CatalogueMetric:
     aggregation: Aggregation
     events: tuple[str, ...] = ()
     value_property: str | None = None
+    #: For sums over several events with a different property each (revenue = ad revenue + fees ...).
+    values_by_event: tuple[tuple[str, str], ...] = ()
     where: tuple[DimensionFilter, ...] = ()
     numerator: str | None = None
     denominator: str | None = None
@@ -148,13 +150,20 @@ DIMENSION_COLUMNS: dict[str, str] = {
     "event_name": "event_name",
     "event_type": "event_type",
 }
+#: Dimensions read from the context JSON (not materialised): name -> JSON path.
+CONTEXT_DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "utm_medium": ("campaign", "medium"),
+    "utm_campaign": ("campaign", "name"),
+    "browser": ("browser", "name"),
+    "os": ("os", "name"),
+}
 _PROPERTY_DIMENSION = re.compile(r"^properties\.([A-Za-z0-9_\-]{1,64})$")
 MAX_BUCKETS = 5000
 
 
 def dimension_names() -> list[str]:
     """Every dimension name accepted (besides ``properties.<key>``)."""
-    return sorted(DIMENSION_COLUMNS)
+    return sorted([*DIMENSION_COLUMNS, *CONTEXT_DIMENSIONS])
 
 
 class DimensionFilter(BaseModel):
@@ -167,7 +176,7 @@ class DimensionFilter(BaseModel):
     @field_validator("dimension")
     @classmethod
     def _known_dimension(cls, value: str) -> str:
-        if value not in DIMENSION_COLUMNS and not _PROPERTY_DIMENSION.match(value):
+        if value not in DIMENSION_COLUMNS and value not in CONTEXT_DIMENSIONS and not _PROPERTY_DIMENSION.match(value):
             raise ValueError(f"unknown dimension {value!r}; use one of {dimension_names()} or properties.<key>")
         return value
 
@@ -203,7 +212,7 @@ class MetricQuery(BaseModel):
     @field_validator("breakdown")
     @classmethod
     def _known_breakdown(cls, value: str | None) -> str | None:
-        if value is not None and value not in DIMENSION_COLUMNS and not _PROPERTY_DIMENSION.match(value):
+        if value is not None and value not in dimension_names() and not _PROPERTY_DIMENSION.match(value):
             raise ValueError(f"unknown dimension {value!r}; use one of {dimension_names()} or properties.<key>")
         return value
 
@@ -439,6 +448,9 @@ def _dimension_expr(sql: ParameterisedSQL, dimension: str) -> str:
     column = DIMENSION_COLUMNS.get(dimension)
     if column is not None:
         return f"toString({column})"
+    path = CONTEXT_DIMENSIONS.get(dimension)
+    if path is not None:  # constants from the allow-list above, never user text
+        return "JSONExtractString(context, " + ", ".join(f"'{part}'" for part in path) + ")"
     match = _PROPERTY_DIMENSION.match(dimension)
     if match is None:  # validated by the models already; defensive for direct callers
         raise QueryError("unknown_dimension", f"unknown dimension {dimension!r}")
@@ -492,6 +504,12 @@ def _aggregate_expr(sql: ParameterisedSQL, metric: CatalogueMetric, catalogue: M
         conditions.append(_filter_expr(sql, f))
     cond = " AND ".join(conditions)
     value = _value_expr(sql, metric.value_property)
+    if metric.values_by_event:
+        branches = ", ".join(
+            f"event_name = {sql.param(event, 'String')}, {_value_expr(sql, prop)}"
+            for event, prop in metric.values_by_event
+        )
+        value = f"multiIf({branches}, 0)"
     match metric.aggregation:
         case Aggregation.count:
             return f"toFloat64(countIf({cond}))", cond
@@ -715,6 +733,10 @@ class MetricsEngine:
 
 
 # --- the metric catalogue ------------------------------------------------------------------------------
+#
+# The catalogue is ``streams.catalogue`` (one definition per metric, shared with the stream workers and
+# the batch recompute), read through ``from_stream_definition``. The API adds a few chart-only metrics
+# (API_METRICS) that the streams do not snapshot; they are always computed from raw events.
 
 
 def _m(
@@ -732,70 +754,18 @@ def _m(
 
 
 _A = Aggregation
-#: The Key Metrics the query API answers. Each is one declarative entry; adding a metric is adding a line.
-KEY_METRICS: tuple[CatalogueMetric, ...] = (
-    _m("dau", _A.distinct_users, unit="users", description="People active in the bucket (daily granularity: DAU)"),
-    _m("wau", _A.distinct_users, unit="users", description="People active in the bucket (weekly granularity: WAU)"),
-    _m("mau", _A.distinct_users, unit="users", description="People active in the bucket (monthly granularity: MAU)"),
-    _m("active_users", _A.distinct_users, unit="users", description="People with any event"),
+_HAS_COMMUNITY = (DimensionFilter(dimension="community", op="neq", value=""),)
+
+#: Chart-only metrics the pre-built dashboards need beyond the streaming catalogue.
+API_METRICS: tuple[CatalogueMetric, ...] = (
     _m("events", _A.count, description="Events of any kind"),
-    _m("page_views", _A.count, "page_view", description="Page views"),
-    _m("signups", _A.count, "signup", description="Signups"),
-    _m("community_joins", _A.count, "join_community", description="Community joins (community growth)"),
-    _m(
-        "community_members",
-        _A.distinct_users,
-        "join_community",
-        unit="users",
-        description="People who joined a community",
-    ),
-    _m(
-        "active_communities",
-        _A.distinct_values,
-        value_property="community",
-        unit="communities",
-        where=(DimensionFilter(dimension="community", op="neq", value=""),),
-        description="Communities with any activity",
-    ),
-    _m(
-        "community_activity",
-        _A.count,
-        where=(DimensionFilter(dimension="community", op="neq", value=""),),
-        description="Events that belong to a community",
-    ),
     _m("transactions", _A.count, "fund_project", description="Contributions to projects"),
-    _m(
-        "gmv",
-        _A.sum,
-        "fund_project",
-        value_property="amount",
-        unit="USD",
-        description="Gross merchandise value: money contributed to projects (transaction volume)",
-    ),
-    _m(
-        "avg_transaction_size",
-        _A.avg,
-        "fund_project",
-        value_property="amount",
-        unit="USD",
-        description="Average contribution",
-    ),
-    _m(
-        "processing_fees",
-        _A.sum,
-        "fund_project",
-        value_property="fee",
-        unit="USD",
-        description="Processing fees charged on contributions",
-    ),
-    _m("ad_revenue", _A.sum, "watch_ad", value_property="revenue", unit="USD", description="Revenue from ads"),
-    _m("ad_views", _A.count, "watch_ad", description="Ads watched"),
-    _m("backers", _A.distinct_users, "fund_project", unit="users", description="People who contributed"),
+    _m("backers", _A.distinct_users, "fund_project", unit="people", description="People who contributed"),
     _m(
         "project_viewers",
         _A.distinct_users,
         "page_view",
-        unit="users",
+        unit="people",
         where=(DimensionFilter(dimension="properties.path", op="contains", value="/projects/"),),
         description="People who opened a project page",
     ),
@@ -807,58 +777,149 @@ KEY_METRICS: tuple[CatalogueMetric, ...] = (
         unit="ratio",
         description="Contributors / project page viewers",
     ),
-    _m("projects_created", _A.count, "project_created", description="Projects created"),
-    _m("projects_funded", _A.count, "project_funded", description="Projects that reached their goal"),
-    _m("projects_expired", _A.count, "project_expired", description="Projects that expired unfunded"),
-    _m("projects_closed", _A.count, "project_funded", "project_expired", description="Projects funded or expired"),
-    _m(
-        "project_success_rate",
-        _A.ratio,
-        numerator="projects_funded",
-        denominator="projects_closed",
-        unit="ratio",
-        description="Funded / (funded + expired)",
-    ),
-    _m(
-        "avg_funding_time",
-        _A.avg,
-        "project_funded",
-        value_property="days_to_fund",
-        unit="days",
-        description="Average days from creation to funding",
-    ),
-    _m("loans_created", _A.count, "create_loan", description="Loan applications"),
-    _m("loans_disbursed", _A.count, "loan_disbursed", description="Loans disbursed"),
-    _m(
-        "loan_volume",
-        _A.sum,
-        "loan_disbursed",
-        value_property="amount",
-        unit="USD",
-        description="Money disbursed as loans",
-    ),
-    _m(
-        "loan_repayments",
-        _A.sum,
-        "loan_repaid",
-        value_property="amount",
-        unit="USD",
-        description="Money repaid on loans",
-    ),
+    _m("community_activity", _A.count, where=_HAS_COMMUNITY, description="Events that belong to a community"),
     _m(
         "events_per_user",
         _A.ratio,
         numerator="events",
         denominator="active_users",
-        unit="events/user",
+        unit="events/person",
         description="Member engagement: events per active person",
     ),
-    _m("referrals_sent", _A.count, "referral_sent", description="Referrals sent"),
-    _m("referrals_accepted", _A.count, "referral_accepted", description="Referrals accepted"),
-    _m("errors", _A.count, "error", description="Errors"),
+    _m("loans_disbursed_count", _A.count, "loan_disbursed", description="Number of loans disbursed"),
 )
+
+#: The streaming catalogue's Key Metrics, for when ``streams.catalogue`` is not importable.
+FALLBACK_METRICS: tuple[CatalogueMetric, ...] = (
+    _m("dau", _A.distinct_users, unit="people", description="People active in the reporting day"),
+    _m("wau", _A.distinct_users, unit="people", description="People active in the reporting week"),
+    _m("mau", _A.distinct_users, unit="people", description="People active in the reporting month"),
+    _m("active_users", _A.distinct_users, unit="people", description="People with any event in the period"),
+    _m("page_views", _A.count, "page_view", description="Pages viewed"),
+    _m("signups", _A.count, "signup", description="Accounts created"),
+    _m("gmv", _A.sum, "fund_project", value_property="amount", unit="currency", description="Money pledged"),
+    _m("ad_revenue", _A.sum, "watch_ad", value_property="revenue", unit="currency", description="Ad revenue"),
+    _m(
+        "processing_fees",
+        _A.sum,
+        "fund_project",
+        value_property="fee",
+        unit="currency",
+        description="Fees charged on project funding",
+    ),
+    _m(
+        "average_transaction_size",
+        _A.avg,
+        "fund_project",
+        value_property="amount",
+        unit="currency",
+        description="Average amount pledged per funding",
+    ),
+    _m("projects_created", _A.count, "project_created", description="Projects created"),
+    _m("projects_funded", _A.count, "project_funded", description="Projects that reached their goal"),
+    _m("projects_expired", _A.count, "project_expired", description="Projects that expired unfunded"),
+    _m("project_outcomes", _A.count, "project_funded", "project_expired", description="Funded or expired"),
+    _m(
+        "success_rate",
+        _A.ratio,
+        numerator="projects_funded",
+        denominator="project_outcomes",
+        unit="ratio",
+        description="Funded projects per project outcome",
+    ),
+    _m(
+        "average_funding_time",
+        _A.avg,
+        "project_funded",
+        value_property="days_to_fund",
+        unit="days",
+        description="Average days from creation to full funding",
+    ),
+    _m(
+        "loans_disbursed",
+        _A.sum,
+        "loan_disbursed",
+        value_property="amount",
+        unit="currency",
+        description="Amount of loans disbursed",
+    ),
+    _m("new_members", _A.count, "join_community", description="Community joins"),
+    _m("members", _A.distinct_users, "join_community", unit="people", description="People joining a community"),
+    _m(
+        "active_communities",
+        _A.distinct_values,
+        value_property="community",
+        unit="communities",
+        where=_HAS_COMMUNITY,
+        description="Communities with any activity",
+    ),
+)
+
+_STREAM_AGGREGATIONS = {"count": _A.count, "sum": _A.sum, "average": _A.avg, "ratio": _A.ratio}
+
+
+def _property_key(path: str) -> str | None:
+    """``properties.amount`` -> ``amount``; anything deeper or elsewhere is not a property key."""
+    head, _, key = path.partition(".")
+    return key if head == "properties" and key and "." not in key else None
+
+
+def from_stream_definition(definition: Any) -> CatalogueMetric | None:
+    """The query-engine view of a ``streams.catalogue.MetricDefinition`` (None: not answerable from events)."""
+    if getattr(definition.source, "value", definition.source) != "events":
+        return None  # session metrics are read from the sessions table, not answered here yet
+    kind = definition.aggregation.value
+    where: list[DimensionFilter] = []
+    for condition in definition.where:
+        key = _property_key(condition.field)
+        op = {"eq": "eq", "ne": "neq", "in": "in", "not_in": "not_in"}.get(condition.op.value)
+        if key is None or op is None:
+            return None
+        value = list(condition.value) if isinstance(condition.value, tuple) else condition.value
+        where.append(DimensionFilter(dimension=f"properties.{key}", op=op, value=value))  # type: ignore[arg-type]
+    fields: dict[str, Any] = {}
+    if kind == "distinct":
+        if definition.distinct == "person":
+            aggregation = _A.distinct_users
+        else:
+            key = _property_key(definition.distinct)
+            if key not in DIMENSION_COLUMNS:
+                return None
+            aggregation, fields["value_property"] = _A.distinct_values, key
+            where.append(DimensionFilter(dimension=key, op="neq", value=""))
+    elif kind in _STREAM_AGGREGATIONS:
+        aggregation = _STREAM_AGGREGATIONS[kind]
+        value_fields = definition.value_fields() if kind in ("sum", "average") else {}
+        keys = {event: _property_key(path) for event, path in value_fields.items()}
+        if any(k is None for k in keys.values()):
+            return None
+        if set(keys) == {""}:
+            fields["value_property"] = keys[""]
+        elif keys:
+            fields["values_by_event"] = tuple((event, str(k)) for event, k in keys.items())
+        fields["numerator"], fields["denominator"] = definition.numerator, definition.denominator
+    else:
+        return None  # churn: batch-only, read from snapshots by the analyses
+    return CatalogueMetric(
+        name=definition.name,
+        aggregation=aggregation,
+        events=tuple(definition.events),
+        where=tuple(where),
+        unit=definition.unit,
+        description=definition.description,
+        dimensions=tuple(definition.dimensions),
+        **fields,
+    )
 
 
 def default_catalogue() -> MetricCatalogue:
-    """The catalogue the API serves."""
-    return MetricCatalogue(KEY_METRICS)
+    """The metrics the API serves: the streaming catalogue plus the API's chart-only metrics."""
+    try:
+        from streams.catalogue import get_catalogue
+    except ImportError:
+        base = list(FALLBACK_METRICS)
+    else:
+        converted = (from_stream_definition(d) for d in get_catalogue().values())
+        base = [m for m in converted if m is not None]
+    names = {m.name for m in base}
+    return MetricCatalogue(base + [m for m in API_METRICS if m.name not in names])

@@ -140,8 +140,8 @@ PREBUILT: dict[str, dict[str, Any]] = {
             _metric("Weekly active users", "line", "wau", 0, 4, granularity="week"),
             _metric("Monthly active users", "line", "mau", 4, 4, granularity="month"),
             _metric("Projects funded", "metric_card", "projects_funded", 8, 4),
-            _metric("Loans disbursed", "metric_card", "loans_disbursed", 0, 7),
-            _metric("Community growth (joins)", "line", "community_joins", 4, 7),
+            _metric("Loans disbursed (amount)", "metric_card", "loans_disbursed", 0, 7),
+            _metric("Community growth (joins)", "line", "new_members", 4, 7),
             _sql("Weekly retention rate", "line", RETENTION_SQL, 8, 7, w=4, h=3),
         ],
     },
@@ -151,7 +151,7 @@ PREBUILT: dict[str, dict[str, Any]] = {
         "widgets": [
             _metrics("Revenue by stream", "bar", *REVENUE_SOURCES, x=0, y=0),
             _metric("Transaction volume", "line", "gmv", 6, 0, w=6, h=4),
-            _metric("Average transaction size", "line", "avg_transaction_size", 0, 4),
+            _metric("Average transaction size", "line", "average_transaction_size", 0, 4),
             _sql("Float balance (running net inflow)", "line", FLOAT_BALANCE_SQL, 4, 4, w=4, h=3),
             _metric("Processing fees", "metric_card", "processing_fees", 8, 4),
             _sql("Gross margin", "line", GROSS_MARGIN_SQL, 0, 7),
@@ -163,7 +163,7 @@ PREBUILT: dict[str, dict[str, Any]] = {
         "widgets": [
             _metric("Community activity", "line", "community_activity", 0, 0, w=6, h=4, breakdown="community", top_n=5),
             _metric("Member engagement (events per active person)", "line", "events_per_user", 6, 0, w=6, h=4),
-            _metric("Project success rate", "line", "project_success_rate", 0, 4, granularity="week"),
+            _metric("Project success rate", "line", "success_rate", 0, 4, granularity="week"),
             _metric(
                 "Geographic distribution (active people)",
                 "geo_map",
@@ -181,9 +181,9 @@ PREBUILT: dict[str, dict[str, Any]] = {
         "description": "Funding velocity, success rates, categories, time to fund and backer conversion.",
         "widgets": [
             _metric("Funding velocity (money contributed)", "line", "gmv", 0, 0, w=6, h=4),
-            _metric("Success rate", "metric_card", "project_success_rate", 6, 0),
+            _metric("Success rate", "metric_card", "success_rate", 6, 0),
             _metric("Projects by category", "pie", "projects_created", 0, 4, breakdown="category", top_n=10),
-            _metric("Average funding time (days)", "metric_card", "avg_funding_time", 4, 4),
+            _metric("Average funding time (days)", "metric_card", "average_funding_time", 4, 4),
             _metric("Backer conversion", "line", "backer_conversion", 8, 4, granularity="week"),
         ],
     },

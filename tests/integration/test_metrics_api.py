@@ -120,7 +120,6 @@ def test_buckets_follow_local_calendar() -> None:
 # --- against ClickHouse ------------------------------------------------------------------------
 
 
-
 def _engine(ch: Client, tz: str = "UTC", week_start: int = 1, snapshots: bool = True) -> MetricsEngine:
     return MetricsEngine(ch, default_catalogue(), tz, week_start, use_snapshots=snapshots)
 
@@ -198,7 +197,7 @@ def test_demo_metrics_match_plain_python(demo: tuple[Client, list[dict[str, Any]
     checks = {
         "dau": (lambda e: True, lambda rows: len({r["person"] for r in rows})),
         "gmv": (lambda e: e["name"] == "fund_project", lambda rows: sum(r["properties"]["amount"] for r in rows)),
-        "avg_transaction_size": (
+        "average_transaction_size": (
             lambda e: e["name"] == "fund_project",
             lambda rows: sum(r["properties"]["amount"] for r in rows) / len(rows),
         ),
@@ -325,7 +324,7 @@ def test_metrics_endpoint(demo: tuple[Client, list[dict[str, Any]]], tmp_path: P
         with TestClient(app) as client:
             keys = make_keys(app)
             catalogue = client.get("/v1/metrics", headers=keys.vic).json()
-            assert {"dau", "gmv", "project_success_rate"} <= {m["name"] for m in catalogue}
+            assert {"dau", "gmv", "success_rate"} <= {m["name"] for m in catalogue}
             params = {
                 "start": "2026-03-09",
                 "end": "2026-03-12",

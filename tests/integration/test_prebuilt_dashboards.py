@@ -81,18 +81,18 @@ REFERENCE: dict[str, Callable[[list[Row]], float]] = {
     "active_users": lambda rows: float(len(_persons(rows))),
     "projects_funded": lambda rows: _count(rows, "project_funded"),
     "projects_created": lambda rows: _count(rows, "project_created"),
-    "loans_disbursed": lambda rows: _count(rows, "loan_disbursed"),
-    "community_joins": lambda rows: _count(rows, "join_community"),
+    "loans_disbursed": lambda rows: _sum(rows, "loan_disbursed", "amount"),
+    "new_members": lambda rows: _count(rows, "join_community"),
     "ad_revenue": lambda rows: _sum(rows, "watch_ad", "revenue"),
     "processing_fees": lambda rows: _sum(rows, "fund_project", "fee"),
     "gmv": lambda rows: _sum(rows, "fund_project", "amount"),
-    "avg_transaction_size": lambda rows: _mean(rows, "fund_project", "amount"),
+    "average_transaction_size": lambda rows: _mean(rows, "fund_project", "amount"),
     "community_activity": lambda rows: float(sum(1 for r in rows if _community(r))),
     "events_per_user": lambda rows: _ratio(len(rows), len(_persons(rows))),
-    "project_success_rate": lambda rows: _ratio(
+    "success_rate": lambda rows: _ratio(
         _count(rows, "project_funded"), _count(rows, "project_funded", "project_expired")
     ),
-    "avg_funding_time": lambda rows: _mean(rows, "project_funded", "days_to_fund"),
+    "average_funding_time": lambda rows: _mean(rows, "project_funded", "days_to_fund"),
     "backer_conversion": lambda rows: _ratio(
         len(_persons(rows, "fund_project")),
         len(
