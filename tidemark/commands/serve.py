@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+from types import FrameType
 
 import uvicorn
 
 from sinks.clickhouse import connect
-from sinks.migrations import apply_migrations
 from sinks.runner import build_sink_services
 from tidemark.settings import get_settings
-from tidemark.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run(args: argparse.Namespace) -> int:
-    """Migrate ClickHouse, build the sinks and the app, and serve until SIGTERM/SIGINT."""
+    """Open ClickHouse, build the sinks and the app, and serve until SIGTERM/SIGINT."""
     from api.app import create_app  # the API is heavy to import; only this command needs it
 
     settings = get_settings()
-    ensure_topics(settings)
+    # The app's lifespan applies the migrations and creates the topics before it starts the sinks.
     client = connect(settings.clickhouse_url, settings.clickhouse_database)
-    applied = apply_migrations(client)
-    log.info("ClickHouse %s ready (migrations applied now: %s)", settings.clickhouse_url, applied or "none")
     services = [] if args.no_sinks else build_sink_services(settings, client)
     app = create_app(settings, services=services, clickhouse=client)
     config = uvicorn.Config(
@@ -50,5 +48,14 @@ def run(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=30,
     )
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown (the lifespan stops the sinks, which
+    # flush and commit), then restores the previous handlers and re-raises the signal. With these
+    # handlers in place that re-raise is only logged, so a requested stop exits 0, not -15.
+    signal.signal(signal.SIGTERM, _stopped)
+    signal.signal(signal.SIGINT, _stopped)
     uvicorn.Server(config).run()
     return 0
+
+
+def _stopped(signum: int, _frame: FrameType | None) -> None:
+    log.info("Stopped on %s", signal.Signals(signum).name)
