@@ -18,9 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.dashboards import close_query_api, open_query_api
 from api.metrics import RequestLatencyMiddleware
 from api.publisher import EventPublisher
-from api.routes import collector, health, sql
+from api.routes import collector, dashboards, health, keys, metrics, sql
 from sinks.clickhouse import connect, is_embedded
 from sinks.migrations import apply_migrations
 from tidemark.service import Service
@@ -34,6 +35,9 @@ ROUTERS: tuple[APIRouter, ...] = (
     health.router,
     collector.router,
     sql.router,
+    keys.router,
+    dashboards.router,
+    metrics.router,
 )
 
 HTTP_ERROR_CODES = {
@@ -69,6 +73,7 @@ def create_app(
         started: list[Service] = []
         try:
             await asyncio.to_thread(apply_migrations, client)
+            await asyncio.to_thread(open_query_api, app, settings, client)
             await asyncio.to_thread(ensure_topics, settings)
             for service in (app.state.publisher, *services):
                 await asyncio.to_thread(service.start)
@@ -83,6 +88,7 @@ def create_app(
                 except Exception:  # keep stopping the others
                     log.exception("Stopping %s failed", service.name)
             app.state.clickhouse = None
+            close_query_api(app)
             if owned_client and not is_embedded(settings.clickhouse_url):
                 client.close()
 
