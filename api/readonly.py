@@ -98,7 +98,7 @@ class ReadOnlyGuard:
     def _denied_functions(self, client: Client) -> frozenset[str]:
         with self._lock:
             if self._table_functions is None:
-                names = client.query("SELECT name FROM system.table_functions", settings={"readonly": 2})
+                names = client.query("SELECT name FROM system.table_functions")
                 self._table_functions = frozenset(row[0] for row in names.result_rows)
             return self._table_functions - PURE_TABLE_FUNCTIONS
 
@@ -109,7 +109,8 @@ class ReadOnlyGuard:
         if GUARDED_SETTINGS.search(STRING_LITERAL.sub("''", query)):
             raise QueryRefused("a query may not change readonly or its time, row or memory limits")
         try:
-            explained = client.query(f"EXPLAIN AST {query}", parameters=parameters, settings={"readonly": 2})
+            # EXPLAIN AST only parses: nothing runs, so it needs no limits.
+            explained = client.query(f"EXPLAIN AST {query}", parameters=parameters)
             ast = [row[0] for row in explained.result_rows]
         except ClickHouseError as exc:
             raise QueryFailed(_clickhouse_message(exc)) from exc
@@ -135,20 +136,28 @@ def run_readonly(
     *,
     max_rows: int,
     max_seconds: int,
-    guard: ReadOnlyGuard,
+    guard: ReadOnlyGuard | None,
     parameters: dict[str, Any] | None = None,
 ) -> QueryResult:
-    """Run one analyst query read-only, with at most ``max_rows`` rows and ``max_seconds`` of execution."""
-    guard.check(client, query, parameters)
-    settings = {
-        "readonly": 2,
-        "max_execution_time": max_seconds,
-        "max_result_rows": max_rows + 1,  # one more than asked, to know whether the result was cut
-        "result_overflow_mode": "break",
-    }
+    """Run one analyst query read-only, with at most ``max_rows`` rows and ``max_seconds`` of execution.
+
+    ``guard=None`` skips the guard (only for checking what ClickHouse's ``readonly`` alone does).
+    The limits go into the statement's own ``SETTINGS`` clause, never through clickhouse-connect's
+    ``settings=``: on chDB that runs ``SET readonly = 2`` on the process's one session for statements
+    it takes for INSERTs, and ``readonly`` cannot be unset from inside readonly mode — every later
+    write of the process (the sinks') would fail.
+    """
+    if guard is not None:
+        guard.check(client, query, parameters)
+    limits = (
+        f"readonly = 2, max_execution_time = {int(max_seconds)}, "
+        # one row more than asked, to know whether the result was cut
+        f"max_result_rows = {int(max_rows) + 1}, result_overflow_mode = 'break'"
+    )
+    statement = query.strip().rstrip(";").rstrip()
     started = time.perf_counter()
     try:
-        result = client.query(query, parameters=parameters, settings=settings)
+        result = client.query(f"{statement}\nSETTINGS {limits}", parameters=parameters)
     except ClickHouseError as exc:
         raise QueryFailed(_clickhouse_message(exc)) from exc
     elapsed_ms = (time.perf_counter() - started) * 1000
