@@ -22,10 +22,10 @@ def open_query_api(app: FastAPI, settings: Settings, clickhouse: Any) -> None:
     """Open the metadata database (migrated), bootstrap the admin key and pre-built dashboards, fill app.state."""
     from api.auth import ensure_bootstrap_admin
     from api.dashboards.prebuilt import ensure_prebuilt
-    from api.metadata.db import make_engine, session_factory, upgrade
+    from api.metadata.db import make_engine, metadata_url_for, session_factory, upgrade
     from api.metrics_query import MetricsEngine, default_catalogue
 
-    engine = make_engine(settings.metadata_url)
+    engine = make_engine(metadata_url_for(settings))
     upgrade(engine)
     sessions = session_factory(engine)
     ensure_bootstrap_admin(sessions, settings.admin_api_key)

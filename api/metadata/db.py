@@ -13,9 +13,23 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from tidemark.settings import Settings
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def metadata_url_for(settings: Settings) -> str:
+    """The metadata database URL: ``settings.metadata_url``, whose default SQLite file follows ``state_dir``.
+
+    Why: local state lives in one place; a process (or test) with its own state dir gets its own
+    metadata database without a second setting.
+    """
+    default = Settings.model_fields["metadata_url"].default
+    if settings.metadata_url == default:
+        return f"sqlite:///{Path(settings.state_dir) / 'metadata.db'}"
+    return settings.metadata_url
 
 
 def make_engine(url: str) -> Engine:
