@@ -218,6 +218,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        4,
+        "cohort membership kept until superseded, not by age",
+        (
+            # A wall-clock TTL would drop a cohort that is simply not recomputed for a month;
+            # the cohort computation deletes superseded computations itself.
+            "ALTER TABLE cohort_members REMOVE TTL",
+        ),
+    ),
 )
 
 

@@ -495,3 +495,99 @@ def experiment_reference(
         users, conversions, values = out.get(variant, (0, 0, []))
         out[variant] = (users + 1, conversions + converted, [*values, value])
     return {k: (u, c, sorted(v)) for k, (u, c, v) in out.items()}, multiple
+
+
+# --- cohorts and lifetime value ---------------------------------------------------------------------
+
+
+def acquisition_reference(events: Sequence[Event], event_name: str, start: datetime, end: datetime) -> set[str]:
+    """People whose first ``event_name`` ever is in ``[start, end)``."""
+    people = resolve_people(events)
+    first: dict[str, datetime] = {}
+    for e in events:
+        if e.name == event_name:
+            p = people[e.event_id]
+            first[p] = min(first.get(p, e.ts), e.ts)
+    return {p for p, t in first.items() if start <= t < end}
+
+
+def behavioural_reference(
+    events: Sequence[Event], event_name: str, filters: Sequence[Any], min_count: int, start: datetime, end: datetime
+) -> set[str]:
+    """People who did the event (with filters) at least ``min_count`` times in ``[start, end)``."""
+    people = resolve_people(events)
+    counts: dict[str, int] = defaultdict(int)
+    for e in events:
+        if start <= e.ts < end and event_matches(e, event_name, filters):
+            counts[people[e.event_id]] += 1
+    return {p for p, c in counts.items() if c >= min_count}
+
+
+def demographic_reference(events: Sequence[Event], traits: Sequence[Any]) -> set[str]:
+    """People whose latest identify value of every filtered trait matches."""
+    people = resolve_people(events)
+    latest: dict[tuple[str, str], Event] = {}
+    for e in events:
+        if e.name != "identify":
+            continue
+        for f in traits:
+            if f.key in e.properties:
+                k = (people[e.event_id], f.key)
+                if k not in latest or e.ts > latest[k].ts:
+                    latest[k] = e
+    everyone = {people[e.event_id] for e in events if e.name == "identify"}
+    out = set()
+    for p in everyone:
+        ok = True
+        for f in traits:
+            e = latest.get((p, f.key))
+            # the trait's latest event, read as plain JSON (no hot columns)
+            if e is None or not filter_matches(Event(e.name, e.ts, properties={f.key: e.properties[f.key]}), f):
+                ok = False
+        if ok:
+            out.add(p)
+    return out
+
+
+def lifetime_value_reference(
+    events: Sequence[Event],
+    members: set[str],
+    acquisition_event: str,
+    revenue: Sequence[tuple[str, str]],
+    period: str,
+    periods: int,
+    end: datetime,
+    tz: str = "UTC",
+    week_start: int = 1,
+) -> tuple[list[int], list[float | None]]:
+    """(members with period k started, cumulative revenue per such member) for k in 0..periods-1."""
+    people = resolve_people(events)
+    acquired: dict[str, datetime] = {}
+    for e in events:
+        p = people[e.event_id]
+        if e.name == acquisition_event and p in members:
+            acquired[p] = min(acquired.get(p, e.ts), e.ts)
+    acquired = {p: t for p, t in acquired.items() if t < end}
+    sources = dict(revenue)
+    cumulative: dict[str, list[float]] = {}
+    last = end - timedelta(milliseconds=1)
+    for p, t0 in acquired.items():
+        horizon = period_index(last, t0, period, tz, week_start)
+        cumulative[p] = [0.0] * min(horizon + 1, periods)
+    for e in events:
+        p = people[e.event_id]
+        if p not in acquired or e.name not in sources or e.ts >= end or e.ts < acquired[p]:
+            continue
+        raw = e.properties.get(sources[e.name])
+        if not isinstance(raw, int | float):
+            continue
+        k = period_index(e.ts, acquired[p], period, tz, week_start)
+        row = cumulative[p]
+        for j in range(k, len(row)):
+            row[j] += float(raw)
+    counts, values = [], []
+    for k in range(periods):
+        rows = [r[k] for r in cumulative.values() if len(r) > k]
+        counts.append(len(rows))
+        values.append(sum(rows) / len(rows) if rows else None)
+    return counts, values

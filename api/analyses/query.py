@@ -115,8 +115,13 @@ class SQLBuilder:
     {'p0': 'signup', 'p1': 'method', 'p2': 'email'}
     """
 
-    def __init__(self) -> None:
+    def __init__(self, use_hot_columns: bool = True, properties_column: Literal["properties", "traits"] = "properties"):
         self.parameters: dict[str, Any] = {}
+        # Off when the JSON is not an event's own properties (e.g. a person's latest identify traits).
+        self.use_hot_columns = use_hot_columns
+        if properties_column not in ("properties", "traits"):
+            raise ValueError(f"unknown JSON column {properties_column!r}")
+        self.properties_column = properties_column
 
     def param(self, value: Any, ch_type: str) -> str:
         """A placeholder for ``value`` declared as ``ch_type`` (from :data:`PARAMETER_TYPES`)."""
@@ -209,24 +214,29 @@ class SQLBuilder:
         return f"({column} >= {self.param(time_range.start, t)} AND {column} < {self.param(time_range.end, t)})"
 
     def in_cohort(self, cohort_id: str | None) -> str:
-        """People in the latest computation of a cohort (``1`` when no cohort is given)."""
+        """People in the latest finished computation of a cohort (``1`` when no cohort is given).
+
+        A computation is finished once its row is in ``cohorts_computed`` (written after the
+        members), so a half-written recomputation is never visible.
+        """
         if cohort_id is None:
             return "1"
+        cid = self.param(cohort_id, "String")
         return (
-            "person_id IN (SELECT person_id FROM cohort_members WHERE cohort_id = "
-            f"{self.param(cohort_id, 'String')} AND computed_at = (SELECT max(computed_at) FROM cohort_members "
-            f"WHERE cohort_id = {self.param(cohort_id, 'String')}))"
+            f"person_id IN (SELECT person_id FROM cohort_members WHERE cohort_id = {cid} AND computed_at = "
+            f"(SELECT max(computed_at) FROM cohorts_computed WHERE cohort_id = {cid}))"
         )
 
     # --- helpers ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _hot_column(key: str, source: Literal["event", "context"]) -> str | None:
+    def _hot_column(self, key: str, source: Literal["event", "context"]) -> str | None:
+        if not self.use_hot_columns:
+            return None
         return (HOT_EVENT_COLUMNS if source == "event" else HOT_CONTEXT_COLUMNS).get(key)
 
     def _json_args(self, key: str, source: Literal["event", "context"]) -> str:
         if source == "event":
-            return f"properties, {self.param(key, 'String')}"
+            return f"{self.properties_column}, {self.param(key, 'String')}"
         path = key.split(".")
         if any(not part for part in path):
             raise ValueError(f"bad context path {key!r}")
