@@ -29,7 +29,8 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -212,17 +213,18 @@ def metadata_session(request: Request) -> Iterator[Session]:
 DbSession = Annotated[Session, Depends(metadata_session)]
 
 
-def _presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.headers.get("x-api-key") or None
+# Declared as security schemes so the OpenAPI document says how to authenticate.
+_bearer = HTTPBearer(auto_error=False, description="An API key as a bearer token.")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
 
 
-def optional_principal(request: Request, session: DbSession) -> Principal | None:
+def optional_principal(
+    session: DbSession,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    api_key: Annotated[str | None, Security(_api_key_header)],
+) -> Principal | None:
     """The caller, or None when no key was presented; a presented but invalid key is a 401."""
-    raw = _presented_key(request)
+    raw = (bearer.credentials.strip() if bearer is not None else None) or api_key or None
     if raw is None:
         return None
     principal = authenticate(session, raw)
