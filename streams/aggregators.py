@@ -1,0 +1,492 @@
+"""Catalogue definitions compiled to stream aggregations.
+
+Every definition becomes a :class:`MetricAggregator`: it decides whether an event (or a
+session) counts, what it contributes (``observe``), and under which dimension values
+(``dimension_values``); ``new()`` makes an empty :class:`Accumulator` for one window.
+
+Accumulators follow one small protocol: ``add(observation)``, ``merge(other)``,
+``value()`` and ``partial()`` (the mergeable state sent downstream). Merging is
+associative and commutative, so a window's value is the same whether its events were
+added one by one, merged minute by minute, or merged from several partitions.
+
+>>> from streams.catalogue import CATALOGUE
+>>> acc = compile_catalogue(CATALOGUE)["gmv"].new()
+>>> acc.add(10.0); acc.add(2.5); acc.value()
+12.5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from streams.catalogue import (
+    DIMENSIONS,
+    Aggregation,
+    Catalogue,
+    Condition,
+    MetricDefinition,
+    Operator,
+    Source,
+)
+from streams.events import StreamEvent, as_number, as_text, field_reader
+from streams.sketches import DEFAULT_EXACT_LIMIT, DistinctCounter
+
+
+class Accumulator(Protocol):
+    """One window's running aggregate."""
+
+    def add(self, observation: Any) -> None:
+        """Fold in one observation (what :meth:`MetricAggregator.observe` returned)."""
+
+    def merge(self, other: Any) -> None:
+        """Fold in another accumulator's :meth:`partial` of the same metric."""
+
+    def value(self) -> float | None:
+        """The metric's value, or None when undefined (average of nothing, ratio over zero)."""
+
+    def partial(self) -> Any:
+        """A mergeable, picklable copy of the state, to combine with other partitions' partials."""
+
+
+class CountAccumulator:
+    """Number of matching events."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, observation: Any) -> None:
+        self.n += 1
+
+    def merge(self, other: CountAccumulator) -> None:
+        self.n += other.n
+
+    def value(self) -> float | None:
+        return float(self.n)
+
+    def partial(self) -> CountAccumulator:
+        clone = CountAccumulator()
+        clone.n = self.n
+        return clone
+
+    def __getstate__(self) -> int:
+        return self.n
+
+    def __setstate__(self, state: int) -> None:
+        self.n = state
+
+
+class SumAccumulator:
+    """Sum of a numeric field over matching events (events without the field add nothing)."""
+
+    __slots__ = ("total",)
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def add(self, observation: float | None) -> None:
+        if observation is not None:
+            self.total += observation
+
+    def merge(self, other: SumAccumulator) -> None:
+        self.total += other.total
+
+    def value(self) -> float | None:
+        return self.total
+
+    def partial(self) -> SumAccumulator:
+        clone = SumAccumulator()
+        clone.total = self.total
+        return clone
+
+    def __getstate__(self) -> float:
+        return self.total
+
+    def __setstate__(self, state: float) -> None:
+        self.total = state
+
+
+class AverageAccumulator:
+    """Mean of a numeric field over the matching events that carry it."""
+
+    __slots__ = ("total", "n")
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.n = 0
+
+    def add(self, observation: float | None) -> None:
+        if observation is not None:
+            self.total += observation
+            self.n += 1
+
+    def merge(self, other: AverageAccumulator) -> None:
+        self.total += other.total
+        self.n += other.n
+
+    def value(self) -> float | None:
+        return self.total / self.n if self.n else None
+
+    def partial(self) -> AverageAccumulator:
+        clone = AverageAccumulator()
+        clone.total, clone.n = self.total, self.n
+        return clone
+
+    def __getstate__(self) -> tuple[float, int]:
+        return (self.total, self.n)
+
+    def __setstate__(self, state: tuple[float, int]) -> None:
+        self.total, self.n = state
+
+
+class DistinctAccumulator:
+    """Distinct non-empty values of a field (exact, then HLL: see :class:`DistinctCounter`)."""
+
+    __slots__ = ("counter",)
+
+    def __init__(self, exact_limit: int = DEFAULT_EXACT_LIMIT) -> None:
+        self.counter = DistinctCounter(exact_limit)
+
+    def add(self, observation: str) -> None:
+        if observation:
+            self.counter.add(observation)
+
+    def merge(self, other: DistinctAccumulator) -> None:
+        self.counter.merge(other.counter)
+
+    def rename(self, old: str, new: str) -> None:
+        """Identity stitching: ``old`` turned out to be ``new``."""
+        self.counter.rename(old, new)
+
+    def value(self) -> float | None:
+        return float(self.counter.estimate())
+
+    def partial(self) -> DistinctAccumulator:
+        clone = DistinctAccumulator(self.counter.exact_limit)
+        clone.counter = self.counter.copy()
+        return clone
+
+    def __getstate__(self) -> Any:
+        return self.counter.__getstate__()
+
+    def __setstate__(self, state: Any) -> None:
+        self.counter = DistinctCounter()
+        self.counter.__setstate__(state)
+
+
+class RatioAccumulator:
+    """numerator / denominator over the same window; undefined when the denominator is 0."""
+
+    __slots__ = ("num", "den")
+
+    def __init__(self, num: Any, den: Any) -> None:
+        self.num = num
+        self.den = den
+
+    def add(self, observation: tuple[Any, Any]) -> None:
+        num_obs, den_obs = observation
+        if num_obs is not _SKIP:
+            self.num.add(num_obs)
+        if den_obs is not _SKIP:
+            self.den.add(den_obs)
+
+    def merge(self, other: RatioAccumulator) -> None:
+        self.num.merge(other.num)
+        self.den.merge(other.den)
+
+    def rename(self, old: str, new: str) -> None:
+        for part in (self.num, self.den):
+            if isinstance(part, DistinctAccumulator):
+                part.rename(old, new)
+
+    def value(self) -> float | None:
+        num, den = self.num.value(), self.den.value()
+        if num is None or not den:
+            return None
+        return num / den
+
+    def partial(self) -> RatioAccumulator:
+        return RatioAccumulator(self.num.partial(), self.den.partial())
+
+    def __getstate__(self) -> tuple[Any, Any]:
+        return (self.num, self.den)
+
+    def __setstate__(self, state: tuple[Any, Any]) -> None:
+        self.num, self.den = state
+
+
+class SessionAccumulator:
+    """Sessions started in a window, by session id: a newer version of a session replaces the older.
+
+    The partial sent downstream is the (count, total) over this partition's sessions: a
+    device's sessions live on one partition, so partitions never share a session.
+    """
+
+    __slots__ = ("values", "average")
+
+    def __init__(self, average: bool) -> None:
+        self.values: dict[str, float] = {}
+        self.average = average
+
+    def add(self, observation: tuple[str, float]) -> None:
+        session_id, value = observation
+        self.values[session_id] = value
+
+    def merge(self, other: SessionAccumulator | SessionPartial) -> None:
+        if isinstance(other, SessionAccumulator):
+            self.values.update(other.values)
+        else:
+            raise TypeError("merge partials with SessionPartial")
+
+    def value(self) -> float | None:
+        return self.partial().value()
+
+    def partial(self) -> SessionPartial:
+        return SessionPartial(len(self.values), sum(self.values.values()), self.average)
+
+    def __getstate__(self) -> tuple[dict[str, float], bool]:
+        return (self.values, self.average)
+
+    def __setstate__(self, state: tuple[dict[str, float], bool]) -> None:
+        self.values, self.average = state
+
+
+class SessionPartial:
+    """Per-partition (count, total) of session values; partials of different partitions add up."""
+
+    __slots__ = ("n", "total", "average")
+
+    def __init__(self, n: int = 0, total: float = 0.0, average: bool = False) -> None:
+        self.n, self.total, self.average = n, total, average
+
+    def merge(self, other: SessionPartial) -> None:
+        self.n += other.n
+        self.total += other.total
+
+    def value(self) -> float | None:
+        if not self.average:
+            return float(self.n)
+        return self.total / self.n if self.n else None
+
+    def partial(self) -> SessionPartial:
+        return SessionPartial(self.n, self.total, self.average)
+
+    def __getstate__(self) -> tuple[int, float, bool]:
+        return (self.n, self.total, self.average)
+
+    def __setstate__(self, state: tuple[int, float, bool]) -> None:
+        self.n, self.total, self.average = state
+
+
+class _Skip:
+    """Marker: the event does not count for this metric (distinct from a None value)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "SKIP"
+
+
+_SKIP: Any = _Skip()
+SKIP: Any = _SKIP
+
+
+def condition_predicate(condition: Condition) -> Callable[[StreamEvent], bool]:
+    """A predicate implementing ``condition`` with ClickHouse's JSONExtract semantics."""
+    read = field_reader(condition.field)
+    op, expected = condition.op, condition.value
+    if op is Operator.eq:
+        return lambda e: as_text(read(e)) == expected
+    if op is Operator.ne:
+        return lambda e: as_text(read(e)) != expected
+    if op is Operator.in_:
+        return lambda e: as_text(read(e)) in expected
+    if op is Operator.not_in:
+        return lambda e: as_text(read(e)) not in expected
+    compare: Callable[[float, float], bool] = {
+        Operator.gt: float.__gt__,
+        Operator.gte: float.__ge__,
+        Operator.lt: float.__lt__,
+        Operator.lte: float.__le__,
+    }[op]
+
+    def numeric(e: StreamEvent) -> bool:
+        number = as_number(read(e))
+        return number is not None and compare(number, expected)
+
+    return numeric
+
+
+class MetricAggregator:
+    """A :class:`MetricDefinition` compiled for the stream."""
+
+    def __init__(self, definition: MetricDefinition, catalogue: Catalogue, exact_limit: int) -> None:
+        self.definition = definition
+        self.name = definition.name
+        self.periods = definition.periods
+        self.source = definition.source
+        self.dimensions = definition.dimensions
+        self._exact_limit = exact_limit
+        agg = definition.aggregation
+        self.stitched = (agg is Aggregation.distinct and definition.distinct == "person") or (
+            agg is Aggregation.ratio
+            and any(
+                catalogue[p].aggregation is Aggregation.distinct and catalogue[p].distinct == "person"
+                for p in (definition.numerator or "", definition.denominator or "")
+            )
+        )
+        self._parts: tuple[MetricAggregator, MetricAggregator] | None = None
+        if agg is Aggregation.ratio:
+            self._parts = (
+                MetricAggregator(catalogue[definition.numerator or ""], catalogue, exact_limit),
+                MetricAggregator(catalogue[definition.denominator or ""], catalogue, exact_limit),
+            )
+            self.event_names: frozenset[str] | None = (
+                None
+                if any(p.event_names is None for p in self._parts)
+                else frozenset().union(*(p.event_names or () for p in self._parts))
+            )
+        else:
+            self.event_names = frozenset(definition.events) if definition.events else None
+        self._predicates = tuple(condition_predicate(c) for c in definition.where)
+        value_fields = definition.value_fields() if definition.source is Source.events else {}
+        self._value_readers = {name: field_reader(path) for name, path in value_fields.items()}
+        self._distinct_reader = field_reader(definition.distinct) if agg is Aggregation.distinct else None
+
+    def matches(self, event: StreamEvent) -> bool:
+        """Whether ``event`` passes the event-name filter and every condition."""
+        if self.event_names is not None and event.event_name not in self.event_names:
+            return False
+        return all(p(event) for p in self._predicates)
+
+    def observe(self, event: StreamEvent) -> Any:
+        """What ``event`` contributes, or :data:`SKIP` when it does not count."""
+        if self._parts is not None:
+            num, den = (p.observe(event) for p in self._parts)
+            if num is _SKIP and den is _SKIP:
+                return _SKIP
+            return (num, den)
+        if not self.matches(event):
+            return _SKIP
+        agg = self.definition.aggregation
+        if agg is Aggregation.count:
+            return 1
+        if agg is Aggregation.distinct:
+            assert self._distinct_reader is not None
+            return as_text(self._distinct_reader(event))
+        readers = self._value_readers
+        read = readers.get("") or readers.get(event.event_name)
+        return as_number(read(event)) if read is not None else None
+
+    def observe_session(self, session: Any) -> tuple[str, float]:
+        """A session's contribution to a session metric: (session id, value)."""
+        field = self.definition.value
+        if field == "duration_seconds":
+            return session.session_id, session.duration_ms / 1000.0
+        if field == "page_views":
+            return session.session_id, float(session.page_views)
+        if field == "events":
+            return session.session_id, float(session.events)
+        return session.session_id, 1.0
+
+    def new(self) -> Any:
+        """An empty accumulator for one window."""
+        agg = self.definition.aggregation
+        if self.source is Source.sessions:
+            return SessionAccumulator(average=agg is Aggregation.average)
+        if agg is Aggregation.count:
+            return CountAccumulator()
+        if agg is Aggregation.sum:
+            return SumAccumulator()
+        if agg is Aggregation.average:
+            return AverageAccumulator()
+        if agg is Aggregation.distinct:
+            return DistinctAccumulator(self._exact_limit)
+        if agg is Aggregation.ratio:
+            assert self._parts is not None
+            return RatioAccumulator(self._parts[0].new(), self._parts[1].new())
+        raise ValueError(f"{self.name}: {agg} is not computed by the stream")
+
+    def new_partial(self) -> Any:
+        """An empty accumulator of partials (what stage-two merging starts from)."""
+        if self.source is Source.sessions:
+            return SessionPartial(average=self.definition.aggregation is Aggregation.average)
+        return self.new()
+
+
+def compile_catalogue(
+    catalogue: Catalogue,
+    names: Iterable[str] | None = None,
+    exact_limit: int = DEFAULT_EXACT_LIMIT,
+) -> dict[str, MetricAggregator]:
+    """Aggregators for the streaming definitions of ``catalogue`` (or just ``names``)."""
+    wanted = set(names) if names is not None else None
+    return {
+        d.name: MetricAggregator(d, catalogue, exact_limit)
+        for d in catalogue.streaming()
+        if wanted is None or d.name in wanted
+    }
+
+
+def dimension_readers(names: Iterable[str]) -> dict[str, Callable[[StreamEvent], Any]]:
+    """Readers of the named dimensions."""
+    return {name: field_reader(DIMENSIONS[name]) for name in names}
+
+
+def encode_state(acc: Any) -> Any:
+    """An accumulator (or partial) as JSON-able data, for topics and checkpoints (no pickle on the wire)."""
+    import base64
+
+    if isinstance(acc, CountAccumulator):
+        return ["c", acc.n]
+    if isinstance(acc, SumAccumulator):
+        return ["s", acc.total]
+    if isinstance(acc, AverageAccumulator):
+        return ["a", acc.total, acc.n]
+    if isinstance(acc, DistinctAccumulator):
+        kind, payload = acc.counter.to_state()
+        if kind == 0:
+            return ["d", acc.counter.exact_limit, payload]
+        return ["h", acc.counter.exact_limit, base64.b64encode(payload).decode("ascii")]
+    if isinstance(acc, RatioAccumulator):
+        return ["r", encode_state(acc.num), encode_state(acc.den)]
+    if isinstance(acc, SessionAccumulator):
+        return ["S", acc.average, acc.values]
+    if isinstance(acc, SessionPartial):
+        return ["p", acc.average, acc.n, acc.total]
+    raise TypeError(f"cannot encode {type(acc).__name__}")
+
+
+def decode_state(data: Any) -> Any:
+    """The inverse of :func:`encode_state`."""
+    import base64
+
+    tag = data[0]
+    if tag == "c":
+        count = CountAccumulator()
+        count.n = int(data[1])
+        return count
+    if tag == "s":
+        total = SumAccumulator()
+        total.total = float(data[1])
+        return total
+    if tag == "a":
+        average = AverageAccumulator()
+        average.total, average.n = float(data[1]), int(data[2])
+        return average
+    if tag in ("d", "h"):
+        distinct = DistinctAccumulator(int(data[1]))
+        payload = data[2] if tag == "d" else base64.b64decode(data[2])
+        distinct.counter = DistinctCounter.from_state((0 if tag == "d" else 1, payload), int(data[1]))
+        return distinct
+    if tag == "r":
+        return RatioAccumulator(decode_state(data[1]), decode_state(data[2]))
+    if tag == "S":
+        session = SessionAccumulator(bool(data[1]))
+        session.values = {str(k): float(v) for k, v in data[2].items()}
+        return session
+    if tag == "p":
+        return SessionPartial(int(data[2]), float(data[3]), bool(data[1]))
+    raise ValueError(f"unknown accumulator tag {tag!r}")

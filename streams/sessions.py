@@ -1,0 +1,217 @@
+"""Rolling user sessions (the seed's UserSession), computed per device on event time.
+
+Rules (the ClickHouse sessionisation in :mod:`streams.sql` applies the same ones):
+
+- Sessions are keyed by device: the anonymous id, else the user id (``events.raw`` is
+  keyed the same way, so all of a device's events reach one partition and one worker).
+- An event ``gap`` or more after the session's last event starts a new session: with a
+  30-minute gap, 29:59 of inactivity continues the session, 30:00 and 30:01 split it.
+- An event ``max_length`` or more after the session's first event starts a new session.
+- Device, browser, OS, country, referrer and UTM fields are the first touch: the
+  session's first event's. ``user_id`` is the first user id seen in the session (or the
+  device's stitched user).
+- The session id is deterministic, ``md5(device_id + "|" + started_at_ms)`` in hex, so a
+  replay (or the SQL) produces the same id.
+
+Out of order: an event later than the session's last event extends it; an event between
+its first and last event counts inside it. An event earlier than the open session's
+first event would move the session start and so its id: it is counted as a late event
+for sessions (metrics still count it) and left to the batch recompute.
+
+>>> tracker = SessionTracker(gap_ms=30 * 60_000, max_length_ms=24 * 3_600_000)
+>>> from streams.events import StreamEvent
+>>> e = lambda ts: StreamEvent("id", "page_view", "page_view", "", "dev1", ts, {}, {})
+>>> a = tracker.add(e(0)); b = tracker.add(e(30 * 60_000 - 1000)); c = tracker.add(e(60 * 60_000 - 1000))
+>>> (a.session_id == b.session_id, b.session_id == c.session_id)
+(True, False)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from streams.events import StreamEvent, as_text
+
+log = logging.getLogger(__name__)
+
+
+def session_id_for(device_id: str, started_at_ms: int) -> str:
+    """The deterministic id of the session of ``device_id`` that started at ``started_at_ms``."""
+    return hashlib.md5(f"{device_id}|{started_at_ms}".encode(), usedforsecurity=False).hexdigest()
+
+
+@lru_cache(maxsize=4096)
+def _browser_from_user_agent(user_agent: str) -> tuple[str, str]:
+    from ua_parser import parse
+
+    parsed = parse(user_agent)
+    browser = parsed.user_agent.family if parsed.user_agent else ""
+    os_name = parsed.os.family if parsed.os else ""
+    return browser, os_name
+
+
+def first_touch(context: Mapping[str, Any]) -> dict[str, str]:
+    """The session attributes read from an event's context (Segment's context layout)."""
+
+    def path(*keys: str) -> str:
+        node: Any = context
+        for key in keys:
+            if not isinstance(node, Mapping):
+                return ""
+            node = node.get(key)
+        return as_text(node)
+
+    browser = path("browser", "name")
+    os_name = path("os", "name")
+    user_agent = path("userAgent")
+    if user_agent and not (browser and os_name):
+        parsed_browser, parsed_os = _browser_from_user_agent(user_agent)
+        browser = browser or parsed_browser
+        os_name = os_name or parsed_os
+    return {
+        "device": path("device", "type"),
+        "browser": browser,
+        "os": os_name,
+        "country": path("location", "country"),
+        "referrer": path("page", "referrer") or path("referrer", "url") or path("referrer"),
+        "utm_source": path("campaign", "source"),
+        "utm_medium": path("campaign", "medium"),
+        "utm_campaign": path("campaign", "name"),
+    }
+
+
+@dataclass(slots=True)
+class SessionWindow:
+    """One session of one device: what the ``sessions`` topic and table carry."""
+
+    session_id: str
+    device_id: str
+    user_id: str
+    started_at: int
+    last_seen_at: int
+    page_views: int
+    events: int
+    device: str
+    browser: str
+    os: str
+    country: str
+    referrer: str
+    utm_source: str
+    utm_medium: str
+    utm_campaign: str
+    closed: bool = False
+
+    @property
+    def duration_ms(self) -> int:
+        """Time from the first to the last event."""
+        return self.last_seen_at - self.started_at
+
+    @property
+    def version(self) -> int:
+        """Grows with every update of the session (ReplacingMergeTree keeps the highest)."""
+        return self.events * 2 + int(self.closed)
+
+    def dimension(self, name: str) -> str:
+        """A session dimension's value (first touch)."""
+        value: str = getattr(self, name)
+        return value
+
+    @classmethod
+    def start(cls, event: StreamEvent, user_id: str) -> SessionWindow:
+        """A new session opened by ``event``."""
+        touch = first_touch(event.context)
+        return cls(
+            session_id=session_id_for(event.device_id, event.ts),
+            device_id=event.device_id,
+            user_id=user_id,
+            started_at=event.ts,
+            last_seen_at=event.ts,
+            page_views=1 if event.event_type == "page_view" else 0,
+            events=1,
+            **touch,
+        )
+
+
+class SessionTracker:
+    """The open sessions of the devices of one partition.
+
+    ``add`` applies one event and returns the session it landed in (None when it was
+    late for sessions); ``expire`` closes the sessions idle for ``gap + grace`` by the
+    partition's watermark; ``take_dirty`` hands over the sessions changed since the
+    last call, which is what gets published.
+    """
+
+    def __init__(self, gap_ms: int, max_length_ms: int, grace_ms: int = 0) -> None:
+        if gap_ms <= 0 or max_length_ms <= 0:
+            raise ValueError("gap and max length must be positive")
+        self.gap_ms = gap_ms
+        self.max_length_ms = max_length_ms
+        self.grace_ms = grace_ms
+        self.open: dict[str, SessionWindow] = {}
+        self.dirty: dict[str, SessionWindow] = {}
+        self.late_events = 0
+
+    def add(self, event: StreamEvent, user_id: str = "") -> SessionWindow | None:
+        """Apply ``event``; ``user_id`` is the device's stitched user when the event has none."""
+        device = event.device_id
+        ts = event.ts
+        session = self.open.get(device)
+        if session is not None:
+            if ts < session.started_at:
+                self.late_events += 1
+                return None
+            if ts > session.last_seen_at and (
+                ts - session.last_seen_at >= self.gap_ms or ts - session.started_at >= self.max_length_ms
+            ):
+                session.closed = True
+                self.dirty[session.session_id] = session
+                session = None
+            else:
+                session.events += 1
+                if event.event_type == "page_view":
+                    session.page_views += 1
+                if ts > session.last_seen_at:
+                    session.last_seen_at = ts
+                if not session.user_id and (event.user_id or user_id):
+                    session.user_id = event.user_id or user_id
+        if session is None:
+            session = SessionWindow.start(event, event.user_id or user_id)
+            self.open[device] = session
+        self.dirty[session.session_id] = session
+        return session
+
+    def expire(self, watermark_ms: int) -> int:
+        """Close sessions whose inactivity (plus grace) or length has run out by ``watermark_ms``."""
+        expired = [
+            device
+            for device, s in self.open.items()
+            if s.last_seen_at + self.gap_ms + self.grace_ms <= watermark_ms
+            or s.started_at + self.max_length_ms + self.grace_ms <= watermark_ms
+        ]
+        for device in expired:
+            session = self.open.pop(device)
+            session.closed = True
+            self.dirty[session.session_id] = session
+        return len(expired)
+
+    def oldest_open_start(self) -> int | None:
+        """Start of the oldest open session (session-metric windows wait for it)."""
+        return min((s.started_at for s in self.open.values()), default=None)
+
+    def take_dirty(self) -> list[SessionWindow]:
+        """The sessions changed since the last call (copies: they may keep changing)."""
+        out = [SessionWindow(**{f: getattr(s, f) for f in SessionWindow.__slots__}) for s in self.dirty.values()]
+        self.dirty.clear()
+        return out
+
+    def rename_user(self, device_id: str, user_id: str) -> None:
+        """Identity stitching: the device's open session belongs to ``user_id``."""
+        session = self.open.get(device_id)
+        if session is not None and not session.user_id:
+            session.user_id = user_id
+            self.dirty[session.session_id] = session

@@ -1,0 +1,385 @@
+"""Tumbling metric windows on event time, with a named grace period and late-event accounting.
+
+Two stages, because a window's events are spread over every partition of ``events.raw``:
+
+1. :class:`WindowedMetrics` runs per source partition. Each event is folded into a
+   pending accumulator of its (metric, dimension value, minute); on :meth:`flush` the
+   pending minutes are merged into the minute, hour, day, week and month windows each
+   metric is reported at (week and month are thereby derived from the same minute
+   deltas as days; distinct counts merge as sets/sketches, never as sums). Every window
+   changed since the last flush is published as a :class:`MetricPartial`: this
+   partition's full aggregate for the window, not a delta.
+2. :class:`SnapshotMerger` runs per window key. It keeps the latest partial of each
+   source partition and merges them into the window's value, a ``MetricSnapshot``.
+
+Both stages replace rather than add (a partial replaces the partition's previous
+partial; a snapshot replaces the previous snapshot of its key in ClickHouse), so a
+replay after a crash re-publishes the same values and never double counts.
+
+Event time and lateness
+-----------------------
+The *watermark* of a partition is the largest event time it has seen. A window
+``[start, end)`` accepts events while ``end + grace > watermark``; after that it is
+closed, and an event for it is *late*: counted in ``late_events`` (per period), logged,
+and left to the batch recompute (``tidemark backfill``). An event late for its minute
+may still count for its hour, day, week and month.
+
+Session metrics aggregate sessions by the window their first event falls in; such a
+window also waits until no session that started in it is still open.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from schemas.streams import MetricSnapshot, dimensions_key  # noqa: F401  (re-exported)
+from streams.aggregators import SKIP, MetricAggregator
+from streams.catalogue import Source
+from streams.events import StreamEvent, as_text, field_reader
+from streams.periods import MINUTE_MS, Period, PeriodCalendar
+from streams.sessions import SessionWindow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = timedelta(minutes=5)
+
+# (metric name, dimension name or "", dimension value or "")
+SeriesKey = tuple[str, str, str]
+# (metric name, dimension, value, period, period start ms)
+WindowKey = tuple[str, str, str, Period, int]
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPartial:
+    """One source partition's aggregate of one window (stage one → stage two)."""
+
+    metric: str
+    period: Period
+    period_start: int
+    period_end: int
+    dimension: str
+    dimension_value: str
+    partition: int
+    watermark: int
+    state: Any
+
+    @property
+    def window_key(self) -> WindowKey:
+        """The key stage two merges partials under."""
+        return (self.metric, self.dimension, self.dimension_value, self.period, self.period_start)
+
+
+class WindowedMetrics:
+    """Stage one: one partition's open windows of every streamed metric."""
+
+    def __init__(
+        self,
+        aggregators: Mapping[str, MetricAggregator],
+        calendar: PeriodCalendar,
+        grace: timedelta = DEFAULT_GRACE,
+        partition: int = 0,
+    ) -> None:
+        self.aggregators = dict(aggregators)
+        self.calendar = calendar
+        self.grace_ms = int(grace.total_seconds() * 1000)
+        self.partition = partition
+        self.watermark = 0
+        self.pending: dict[tuple[str, str, str, int], Any] = {}
+        self.windows: dict[WindowKey, Any] = {}
+        self.dirty: set[WindowKey] = set()
+        self.late_events: Counter[str] = Counter()
+        self._event_aggs: dict[str, list[MetricAggregator]] = {}
+        self._any_aggs = [
+            a for a in self.aggregators.values() if a.source is Source.events and a.event_names is None
+        ]
+        self._session_aggs = [a for a in self.aggregators.values() if a.source is Source.sessions]
+        self._stitched = [a.name for a in self.aggregators.values() if a.stitched]
+        used = {d for a in self.aggregators.values() if a.source is Source.events for d in a.dimensions}
+        from streams.catalogue import DIMENSIONS
+
+        self._dim_readers = {d: field_reader(DIMENSIONS[d]) for d in sorted(used)}
+
+    def _aggs_for(self, event_name: str) -> list[MetricAggregator]:
+        aggs = self._event_aggs.get(event_name)
+        if aggs is None:
+            aggs = [
+                a
+                for a in self.aggregators.values()
+                if a.source is Source.events and a.event_names is not None and event_name in a.event_names
+            ] + self._any_aggs
+            self._event_aggs[event_name] = aggs
+        return aggs
+
+    def add(self, event: StreamEvent) -> None:
+        """Fold one event (``event.person`` already resolved) into its windows."""
+        ts = event.ts
+        if ts > self.watermark:
+            self.watermark = ts
+        minute = ts - ts % MINUTE_MS
+        on_time = minute + MINUTE_MS + self.grace_ms > self.watermark
+        values = {d: as_text(read(event)) for d, read in self._dim_readers.items()}
+        pending = self.pending
+        for agg in self._aggs_for(event.event_name):
+            observation = agg.observe(event)
+            if observation is SKIP:
+                continue
+            keys = [("", "")]
+            for dim in agg.dimensions:
+                value = values[dim]
+                if value:
+                    keys.append((dim, value))
+            if on_time:
+                for dim, value in keys:
+                    pkey = (agg.name, dim, value, minute)
+                    acc = pending.get(pkey)
+                    if acc is None:
+                        acc = pending[pkey] = agg.new()
+                    acc.add(observation)
+            else:
+                self._add_late(agg, keys, ts, observation)
+
+    def _add_late(self, agg: MetricAggregator, keys: list[tuple[str, str]], ts: int, observation: Any) -> None:
+        # Slow path: the event's minute is closed; count it in the longer periods still open.
+        for period in agg.periods:
+            start, end = self.calendar.bounds(period, ts)
+            if end + self.grace_ms <= self.watermark:
+                self.late_events[period.value] += 1
+                continue
+            for dim, value in keys:
+                wkey = (agg.name, dim, value, period, start)
+                acc = self.windows.get(wkey)
+                if acc is None:
+                    acc = self.windows[wkey] = agg.new()
+                acc.add(observation)
+                self.dirty.add(wkey)
+
+    def open_session(self, session: SessionWindow) -> None:
+        """A session just started: open its session-metric windows now, while lateness is judged.
+
+        Lateness is decided when the session's first event arrives, not at the next flush
+        (by then the watermark may have moved past a short window that was open on arrival).
+        """
+        for agg in self._session_aggs:
+            keys = [("", "")]
+            for dim in agg.dimensions:
+                value = session.dimension(dim)
+                if value:
+                    keys.append((dim, value))
+            for period in agg.periods:
+                start, end = self.calendar.bounds(period, session.started_at)
+                for dim, value in keys:
+                    wkey = (agg.name, dim, value, period, start)
+                    if wkey in self.windows:
+                        continue
+                    if end + self.grace_ms <= self.watermark:
+                        self.late_events[f"session_{period.value}"] += 1
+                        continue
+                    self.windows[wkey] = agg.new()
+
+    def add_sessions(self, sessions: Iterable[SessionWindow]) -> None:
+        """Fold session updates into the session metrics' windows (by the session's start)."""
+        if not self._session_aggs:
+            return
+        for session in sessions:
+            for agg in self._session_aggs:
+                keys = [("", "")]
+                for dim in agg.dimensions:
+                    value = session.dimension(dim)
+                    if value:
+                        keys.append((dim, value))
+                observation = agg.observe_session(session)
+                for period in agg.periods:
+                    start = self.calendar.bounds(period, session.started_at)[0]
+                    for dim, value in keys:
+                        wkey = (agg.name, dim, value, period, start)
+                        acc = self.windows.get(wkey)
+                        if acc is None:  # the session was late when it started (counted then)
+                            continue
+                        acc.add(observation)
+                        self.dirty.add(wkey)
+
+    def rename_person(self, old: str, new: str, ts: int) -> None:
+        """Identity stitching, learned from an event at ``ts``: ``old`` is ``new`` in every window still open.
+
+        "Open" is judged on event time (``end + grace`` after the watermark), not on when the
+        last flush happened, so the outcome does not depend on flush timing. Windows closed
+        before the link was learned keep counting ``old``; the batch recompute attributes them.
+        """
+        if not self._stitched:
+            return
+        if ts > self.watermark:
+            self.watermark = ts
+        self._merge_pending()
+        stitched = set(self._stitched)
+        horizon = self.watermark - self.grace_ms
+        bounds = self.calendar.bounds
+        for wkey, acc in self.windows.items():
+            if wkey[0] in stitched and bounds(wkey[3], wkey[4])[1] > horizon:
+                acc.rename(old, new)
+                self.dirty.add(wkey)
+
+    def _merge_pending(self) -> None:
+        windows, dirty, bounds = self.windows, self.dirty, self.calendar.bounds
+        for (name, dim, value, minute), acc in self.pending.items():
+            periods = self.aggregators[name].periods
+            last = len(periods) - 1
+            for i, period in enumerate(periods):
+                wkey = (name, dim, value, period, bounds(period, minute)[0])
+                target = windows.get(wkey)
+                if target is None:
+                    # The last period may take the pending accumulator itself: nothing reads it after.
+                    windows[wkey] = acc if i == last else acc.partial()
+                else:
+                    target.merge(acc)
+                dirty.add(wkey)
+        self.pending = {}
+
+    def flush(self, oldest_open_session: int | None = None) -> list[MetricPartial]:
+        """Merge pending minutes into their windows, publish changed windows, close finished ones."""
+        self._merge_pending()
+        windows, dirty, bounds = self.windows, self.dirty, self.calendar.bounds
+        partials = [self._partial(wkey) for wkey in dirty]
+        dirty.clear()
+        closed = [
+            wkey
+            for wkey in windows
+            if bounds(wkey[3], wkey[4])[1] + self.grace_ms <= self.watermark
+            and (
+                self.aggregators[wkey[0]].source is Source.events
+                or oldest_open_session is None
+                or oldest_open_session >= bounds(wkey[3], wkey[4])[1]
+            )
+        ]
+        for wkey in closed:
+            del windows[wkey]
+        if closed:
+            log.debug("Partition %d closed %d windows at watermark %d", self.partition, len(closed), self.watermark)
+        return partials
+
+    def _partial(self, wkey: WindowKey) -> MetricPartial:
+        name, dim, value, period, start = wkey
+        end = self.calendar.bounds(period, start)[1]
+        return MetricPartial(
+            metric=name,
+            period=period,
+            period_start=start,
+            period_end=end,
+            dimension=dim,
+            dimension_value=value,
+            partition=self.partition,
+            watermark=self.watermark,
+            state=self.windows[wkey].partial(),
+        )
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume (picklable)."""
+        return {
+            "watermark": self.watermark,
+            "pending": self.pending,
+            "windows": self.windows,
+            "dirty": self.dirty,
+            "late": dict(self.late_events),
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state`."""
+        self.watermark = state["watermark"]
+        self.pending = state["pending"]
+        self.windows = state["windows"]
+        self.dirty = state["dirty"]
+        self.late_events = Counter(state["late"])
+
+
+@dataclass(frozen=True, slots=True)
+class MetricValue:
+    """A merged window value: what becomes a ``MetricSnapshot`` on the ``metrics`` topic."""
+
+    metric: str
+    period: Period
+    period_start: int
+    period_end: int
+    dimensions: dict[str, str]
+    value: float
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        """(metric, period, period start ms, dimensions key): what a later value replaces."""
+        return (self.metric, self.period.value, self.period_start, dimensions_key(self.dimensions))
+
+    def to_avro(self, computed_at: int, source: str = "stream") -> dict[str, Any]:
+        """The ``metric_snapshot.avsc`` record (built without a pydantic round trip: this is the hot path)."""
+        return {
+            "metricType": self.metric,
+            "period": self.period.value,
+            "periodStart": self.period_start,
+            "periodEnd": self.period_end,
+            "value": self.value,
+            "dimensions": self.dimensions,
+            "dimensionsKey": dimensions_key(self.dimensions),
+            "source": source,
+            "computedAt": computed_at,
+        }
+
+    def to_snapshot(self, computed_at: int, source: str = "stream") -> MetricSnapshot:
+        """The pydantic model of the snapshot."""
+        return MetricSnapshot.from_avro(self.to_avro(computed_at, source))
+
+
+class SnapshotMerger:
+    """Stage two: merges the partials of every source partition into one snapshot per window.
+
+    ``evict_after`` bounds memory: :meth:`evict` drops windows whose end is that far
+    behind the slowest source partition's watermark, and a partial arriving for a dropped
+    window afterwards is counted in ``late_partials`` instead of overwriting the full
+    value with a fragment. (Stage one closes a window ``grace`` after its end, far less.)
+    """
+
+    def __init__(self, aggregators: Mapping[str, MetricAggregator], evict_after: timedelta = timedelta(days=2)):
+        self.aggregators = dict(aggregators)
+        self.evict_after_ms = int(evict_after.total_seconds() * 1000)
+        self.parts: dict[WindowKey, dict[int, Any]] = {}
+        self.ends: dict[WindowKey, int] = {}
+        self.partition_watermarks: dict[int, int] = {}
+        self.evicted_through = -(1 << 62)  # windows ending at or before this were dropped
+        self.late_partials = 0
+
+    @property
+    def watermark(self) -> int:
+        """The slowest source partition's watermark: no window ending later can be complete yet."""
+        return min(self.partition_watermarks.values(), default=0)
+
+    def add(self, partial: MetricPartial) -> MetricValue | None:
+        """Take one partial; return the window's merged value (None if it is undefined)."""
+        wkey = partial.window_key
+        if partial.watermark > self.partition_watermarks.get(partial.partition, -1):
+            self.partition_watermarks[partial.partition] = partial.watermark
+        if wkey not in self.parts and partial.period_end <= self.evicted_through:
+            self.late_partials += 1
+            return None
+        parts = self.parts.setdefault(wkey, {})
+        parts[partial.partition] = partial.state
+        self.ends[wkey] = partial.period_end
+        agg = self.aggregators[partial.metric]
+        merged = agg.new_partial()
+        for state in parts.values():
+            merged.merge(state)
+        value = merged.value()
+        if value is None:
+            return None
+        dims = {partial.dimension: partial.dimension_value} if partial.dimension else {}
+        return MetricValue(partial.metric, partial.period, partial.period_start, partial.period_end, dims, value)
+
+    def evict(self) -> int:
+        """Drop windows that ended ``evict_after`` before the slowest partition's watermark."""
+        horizon = self.watermark - self.evict_after_ms
+        old = [k for k, end in self.ends.items() if end <= horizon]
+        self.evicted_through = max(self.evicted_through, horizon)
+        for key in old:
+            del self.parts[key]
+            del self.ends[key]
+        return len(old)
