@@ -226,12 +226,24 @@ class Tracker:
 
         Raises ``ValueError`` when its encoding exceeds the event size limit.
         """
+        self.send_record(event.to_avro())
+
+    def send_record(self, record: Mapping[str, Any]) -> None:
+        """Queue an event given as its Avro record (``AnalyticsEvent.to_avro()``'s shape), as it is.
+
+        For producers that already hold validated records in bulk (the demo generator, replays):
+        it skips building the pydantic model. Raises ``ValueError`` when the record does not
+        encode or exceeds the event size limit.
+        """
         if self._closed.is_set():
             raise RuntimeError("the tracker is closed")
-        value = self._encode(event.to_avro())
+        try:
+            value = self._encode(dict(record))
+        except (TypeError, ValueError, KeyError) as exc:  # fastavro's complaints about a bad record
+            raise ValueError(f"record does not match the event schema: {exc}") from exc
         if len(value) > self.settings.max_event_bytes:
             raise ValueError(f"event is {len(value)} bytes encoded; the limit is {self.settings.max_event_bytes}")
-        key = event.distinct_id.encode("utf-8")
+        key = (record.get("anonymousId") or record.get("userId") or "").encode("utf-8")
         deadline = time.monotonic() + self.max_block_ms / 1000
         while True:
             try:

@@ -345,3 +345,18 @@ def test_config_rejects_naive_or_empty_ranges() -> None:
         TrafficConfig(start=datetime(2026, 1, 1))
     with pytest.raises(ValueError):
         TrafficConfig(start=START, end=START)
+
+
+def test_another_start_gives_other_ids() -> None:
+    first = {event.id for event in generate_events(_small())}
+    later = {event.id for event in generate_events(_small(start=START + timedelta(minutes=1)))}
+    assert not first & later
+
+
+def test_history_scale_thins_only_the_history() -> None:
+    switch = START + timedelta(days=1)
+    config = _small(history_until=switch, history_scale=0.25, seasonality=0.0, sessions_per_day=1000)
+    events = list(generate_events(config))
+    history = sum(1 for event in events if event.timestamp < switch)
+    live = len(events) - history
+    assert 0.15 < history / live < 0.35

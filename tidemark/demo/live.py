@@ -23,11 +23,25 @@ def live_config(
     seed: int,
     backfill: timedelta = timedelta(0),
     now: datetime | None = None,
+    backfill_rate: float | None = None,
     **kwargs: Any,
 ) -> TrafficConfig:
-    """An endless config averaging ``events_per_second`` (over a week), starting ``backfill`` ago."""
-    start = (now or datetime.now(UTC)) - backfill
-    return TrafficConfig.for_rate(events_per_second, start=start, end=None, seed=seed, **kwargs)
+    """An endless config averaging ``events_per_second`` (over a week), starting ``backfill`` ago.
+
+    ``backfill_rate`` (events per second, default: the live rate) sets the volume of the history
+    before ``now``; a lighter history loads quickly and still fills charts and cohorts.
+    """
+    moment = now or datetime.now(UTC)
+    scale = 1.0 if backfill_rate is None else backfill_rate / events_per_second
+    return TrafficConfig.for_rate(
+        events_per_second,
+        start=moment - backfill,
+        end=None,
+        seed=seed,
+        history_until=moment,
+        history_scale=scale,
+        **kwargs,
+    )
 
 
 def paced(

@@ -28,9 +28,10 @@ events inside a session by less, so a session window of 30 minutes recovers them
 
 Determinism
 -----------
-One ``random.Random(seed)`` drives everything, including event ids
+One ``random.Random`` seeded with (seed, start) drives everything, including event ids
 (``uuid.UUID(int=rng.getrandbits(128), version=4)``), and no iteration order depends on
-hashing: the same config yields the same events, byte for byte.
+hashing: the same config yields the same events, byte for byte. A different start gives
+different ids, so repeated live runs never collide.
 
 >>> from datetime import datetime, timedelta, UTC
 >>> start = datetime(2026, 3, 2, tzinfo=UTC)
@@ -89,7 +90,9 @@ class TrafficConfig:
     ``end=None`` simulates forever (live mode). ``sessions_per_day`` is the weekly average;
     seasonality redistributes it over hours and days. ``initial_members`` and
     ``initial_projects`` default to the steady state of this volume, so the first day
-    already looks like any other.
+    already looks like any other. Before ``history_until`` the volume is multiplied by
+    ``history_scale`` (a live demo's backfill can be lighter than its live traffic); the
+    mix of sessions and behaviour stay the same.
     """
 
     start: datetime
@@ -105,6 +108,8 @@ class TrafficConfig:
     checkout_lift: float = 0.20
     error_rate: float = 0.005
     anomalies: tuple[InjectedAnomaly, ...] = ()
+    history_until: datetime | None = None
+    history_scale: float = 1.0
     session_ids: bool = False
     source: str = "demo"
 
@@ -115,6 +120,8 @@ class TrafficConfig:
             raise ValueError("end must be after start")
         if self.sessions_per_day <= 0:
             raise ValueError("sessions_per_day must be positive")
+        if self.history_scale <= 0:
+            raise ValueError("history_scale must be positive")
 
     @classmethod
     def for_rate(cls, events_per_second: float, **kwargs: Any) -> TrafficConfig:
@@ -291,9 +298,11 @@ class TrafficSimulator:
 
     def __init__(self, config: TrafficConfig) -> None:
         self.config = config
-        self.rng = random.Random(config.seed)
-        self.seasonality = Seasonality(config.timezone, config.seasonality)
         self.start_ms = _ms(config.start)
+        # The start is part of the seed: the same seed started at another time (e.g. each run of
+        # the live demo) must not reproduce the same event ids at different timestamps.
+        self.rng = random.Random(f"tidemark-demo:{config.seed}:{self.start_ms}")
+        self.seasonality = Seasonality(config.timezone, config.seasonality)
         self.end_ms = _ms(config.end) if config.end is not None else None
         self._queue: list[tuple[int, int, _Pending]] = []  # (ts, seq, item): tuples compare fast
         self._seq = 0
@@ -375,18 +384,25 @@ class TrafficSimulator:
 
     # ----------------------------------------------------------------- the world at start
     def _seed_world(self) -> None:
-        config = self.config
-        for _ in range(config.member_count):
-            country, locale = self.pick(self.country_table)
-            device = self._new_device(country, locale)
-            member = self._new_member(device, self.pick(self.method_table), self.start_ms)
-            member.communities.append(self._home_community(country))
-            self.members.append(member)
-        for _ in range(config.project_count):
-            creator = self.rng.choice(self.members)
+        # Members who signed up before the range are materialised lazily, the first time one of
+        # them is drawn: a uniform draw over all N members lands on a not-yet-seen one with
+        # probability unseen / N, which is what drawing an index past the seen ones does. Big
+        # populations (a fast live demo) then cost nothing up front.
+        self.unseen_members = self.config.member_count
+        for _ in range(self.config.project_count):
+            creator = self._existing_member()
             created = self.start_ms - self.rng.randint(0, (PROJECT_LIFETIME_DAYS - 2) * DAY_MS)
             project = self._new_project(creator, self.rng.choice(creator.communities), created)
             project.raised = round(project.goal * self.rng.uniform(0.0, 0.6), 2)
+
+    def _existing_member(self) -> _Member:
+        """A member who signed up before the simulated range (no signup event of theirs is in it)."""
+        self.unseen_members = max(0, self.unseen_members - 1)
+        country, locale = self.pick(self.country_table)
+        member = self._new_member(self._new_device(country, locale), self.pick(self.method_table), self.start_ms)
+        member.communities.append(self._home_community(country))
+        self.members.append(member)
+        return member
 
     def _new_device(self, country: str, locale: str) -> _Device:
         return _Device(str(self.new_uuid()), self.pick(self.device_table), country, locale)
@@ -430,7 +446,10 @@ class TrafficSimulator:
     def __iter__(self) -> Iterator[_Pending]:
         """Pending events in timestamp order (ties in creation order), within [start, end)."""
         rng = self.rng
-        per_ms_max = self.config.sessions_per_day * self.seasonality.max_factor / DAY_MS
+        config = self.config
+        history_until = _ms(config.history_until) if config.history_until is not None else self.start_ms
+        ceiling = self.seasonality.max_factor * max(1.0, config.history_scale)
+        per_ms_max = config.sessions_per_day * ceiling / DAY_MS
         t = float(self.start_ms)
         while True:
             t += rng.expovariate(per_ms_max)
@@ -438,7 +457,10 @@ class TrafficSimulator:
             if self.end_ms is not None and now >= self.end_ms:
                 break
             yield from self._release(now)
-            if rng.random() * self.seasonality.max_factor < self.seasonality.factor(now):
+            intensity = self.seasonality.factor(now)
+            if now < history_until:
+                intensity *= config.history_scale
+            if rng.random() * ceiling < intensity:
                 self._start_session(now)
         yield from self._release(self.end_ms if self.end_ms is not None else 0)
 
@@ -471,9 +493,13 @@ class TrafficSimulator:
     def _pick_member(self, t: int) -> _Member | None:
         members = self.members
         for _ in range(8):
-            if not members:
+            population = len(members) + self.unseen_members
+            if not population:
                 return None
-            index = self.rng.randrange(len(members))
+            index = self.rng.randrange(population)
+            if index >= len(members):
+                self._existing_member()
+                index = len(members) - 1
             member = members[index]
             if member.churn_at <= t:  # churned: never comes back; swap-remove in O(1)
                 members[index] = members[-1]
