@@ -166,8 +166,6 @@ def authenticate(session: Session, raw_key: str) -> Principal | None:
         return None
     now = datetime.now(UTC)
     last = key.last_used_at
-    if last is not None and last.tzinfo is None:  # SQLite returns naive UTC
-        last = last.replace(tzinfo=UTC)
     if last is None or now - last > LAST_USED_RESOLUTION:
         key.last_used_at = now
         session.commit()

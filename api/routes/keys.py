@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from api.auth import (
     ERROR_RESPONSES,
+    ApiError,
     CurrentPrincipal,
     DbSession,
     Role,
@@ -117,5 +118,11 @@ def revoke_key(key_id: int, principal: CurrentPrincipal, session: DbSession) -> 
     if key is None or (principal.role is not Role.admin and key.owner_id != principal.user_id):
         raise not_found(f"key {key_id}")
     if key.revoked_at is None:
+        if key.role == Role.admin.value:
+            live_admins = session.scalar(
+                select(func.count()).where(ApiKey.role == Role.admin.value, ApiKey.revoked_at.is_(None))
+            )
+            if (live_admins or 0) <= 1:
+                raise ApiError(409, "conflict", "this is the last admin key: create another admin key first")
         key.revoked_at = datetime.now(UTC)
         session.commit()

@@ -187,6 +187,9 @@ def test_keys_roles_and_revocation(api: tuple[TestClient, Keys]) -> None:
     assert client.delete(f"/v1/keys/{new.json()['id']}", headers=keys.bob).status_code == 404
     assert client.delete(f"/v1/keys/{new.json()['id']}", headers=keys.admin).status_code == 204
     assert client.get("/v1/me", headers=zoe).status_code == 401
+    last_admin = client.get("/v1/me", headers=keys.admin).json()["key_id"]
+    refused = client.delete(f"/v1/keys/{last_admin}", headers=keys.admin)
+    assert refused.status_code == 409 and client.get("/v1/me", headers=keys.admin).status_code == 200
 
 
 def test_bad_widget_source_is_a_clear_400(api: tuple[TestClient, Keys]) -> None:
