@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.collector.enrich import warm_up as warm_up_enrichment
 from api.dashboards import close_query_api, open_query_api
 from api.metrics import RequestLatencyMiddleware
 from api.publisher import EventPublisher
@@ -75,6 +76,7 @@ def create_app(
             await asyncio.to_thread(apply_migrations, client)
             await asyncio.to_thread(open_query_api, app, settings, client)
             await asyncio.to_thread(ensure_topics, settings)
+            await asyncio.to_thread(warm_up_enrichment)
             for service in (app.state.publisher, *services):
                 await asyncio.to_thread(service.start)
                 started.append(service)

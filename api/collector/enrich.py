@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -155,6 +156,7 @@ def country_from_headers(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+@lru_cache(maxsize=65536)
 def anonymize_ip(value: str) -> str | None:
     """The address with its host part zeroed: IPv4 /24 (last octet), IPv6 /48 (last 80 bits).
 
@@ -189,6 +191,15 @@ def parse_user_agent(user_agent: str) -> dict[str, dict[str, str | None]]:
     ...                  "(KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1")["device"]["type"]
     'mobile'
     """
+    device_info, browser_info, os_info = _parsed_user_agent(user_agent)
+    return {"device": dict(device_info), "browser": dict(browser_info), "os": dict(os_info)}
+
+
+@lru_cache(maxsize=8192)
+def _parsed_user_agent(
+    user_agent: str,
+) -> tuple[tuple[tuple[str, str | None], ...], tuple[tuple[str, str | None], ...], tuple[tuple[str, str | None], ...]]:
+    # A few thousand distinct agents cover nearly all traffic, so parsing is cached (immutable results).
     result = ua_parser.parse(user_agent)
     agent, os_, device = result.user_agent, result.os, result.device
     browser_name = agent.family if agent else None
@@ -196,21 +207,22 @@ def parse_user_agent(user_agent: str) -> dict[str, dict[str, str | None]]:
     device_family = device.family if device else None
     brand = device.brand if device and device.brand and not device.brand.startswith("Generic") else None
     model = device.model if device and device.model and device_family not in (None, "Other", "Spider") else None
-    return {
-        "device": {
-            "type": _device_type(user_agent, browser_name, os_name, device, brand),
-            "brand": brand,
-            "model": model,
-        },
-        "browser": {
-            "name": browser_name if browser_name != "Other" else None,
-            "version": _version(agent.major, agent.minor, agent.patch) if agent else None,
-        },
-        "os": {
-            "name": os_name if os_name != "Other" else None,
-            "version": _version(os_.major, os_.minor, os_.patch) if os_ else None,
-        },
-    }
+    return (
+        (("type", _device_type(user_agent, browser_name, os_name, device, brand)), ("brand", brand), ("model", model)),
+        (
+            ("name", browser_name if browser_name != "Other" else None),
+            ("version", _version(agent.major, agent.minor, agent.patch) if agent else None),
+        ),
+        (
+            ("name", os_name if os_name != "Other" else None),
+            ("version", _version(os_.major, os_.minor, os_.patch) if os_ else None),
+        ),
+    )
+
+
+def warm_up() -> None:
+    """Load the user-agent parser's rules now (about a second), not on the first request."""
+    parse_user_agent("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120.0.0.0 Safari/537.36")
 
 
 def _device_type(user_agent: str, browser: str | None, os_name: str | None, device: Any, brand: str | None) -> str:
@@ -257,9 +269,10 @@ def referrer_medium(referrer_url: str | None, page_url: str | None = None) -> tu
             return host, "internal"
     if host in EMAIL_HOSTS or bare in EMAIL_HOSTS or host.startswith(("mail.", "webmail.")):
         return host, "email"
-    if host in SOCIAL_HOSTS or bare in SOCIAL_HOSTS or any(bare.endswith("." + s) for s in SOCIAL_HOSTS):
-        return host, "social"
     labels = bare.split(".")
+    # Every parent domain of the host, longest first ("m.facebook.com", "facebook.com").
+    if host in SOCIAL_HOSTS or any(".".join(labels[i:]) in SOCIAL_HOSTS for i in range(len(labels) - 1)):
+        return host, "social"
     if any(label in SEARCH_LABELS for label in labels[:-1]):
         return host, "search"
     return host, "external"

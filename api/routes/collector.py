@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import zlib
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -54,6 +55,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid message: bad JSON or UTF-8, wrong types, missing fields, timestamp out of range"},
     401: {"description": "Unknown or missing write key"},
     413: {"description": "Event or batch larger than the limit"},
+    415: {"description": "Content-Encoding other than gzip"},
     503: {"description": "Kafka did not acknowledge the events; retry"},
 }
 
@@ -82,17 +84,35 @@ def basic_auth_user(request: Request) -> str | None:
 
 
 async def read_body(request: Request, limit: int, code: str) -> bytes:
-    """The request body, refused with 413 as soon as it grows past ``limit`` bytes (never buffered whole)."""
+    """The request body, refused with 413 as soon as it grows past ``limit`` bytes (never buffered whole).
+
+    A gzip body (``Content-Encoding: gzip``, as several tracking libraries send) is inflated
+    incrementally and the limit applies to the inflated size, so a small bomb cannot grow large.
+    """
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", ""):
+        raise CollectorError("unsupported_encoding", f"Content-Encoding {encoding!r} is not supported (use gzip)", 415)
+    gzip = encoding == "gzip"
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if not gzip and declared and declared.isdigit() and int(declared) > limit:
         raise CollectorError(code, f"body is {declared} bytes; the limit is {limit}", 413)
+    inflater = zlib.decompressobj(wbits=31) if gzip else None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
+        if inflater is not None:
+            try:
+                chunk = inflater.decompress(chunk, limit + 1 - size)
+            except zlib.error as exc:
+                raise CollectorError("invalid_gzip", f"body is not valid gzip: {exc}") from exc
+            if inflater.unconsumed_tail:  # more output is waiting than the limit allows
+                raise CollectorError(code, f"inflated body is over the limit of {limit} bytes", 413)
         size += len(chunk)
         if size > limit:
             raise CollectorError(code, f"body is over the limit of {limit} bytes", 413)
         chunks.append(chunk)
+    if inflater is not None and not inflater.eof:
+        raise CollectorError("invalid_gzip", "gzip body is truncated")
     return b"".join(chunks)
 
 

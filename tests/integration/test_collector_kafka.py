@@ -8,6 +8,7 @@ decoded with the project's codecs.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import time
 import uuid
@@ -221,3 +222,15 @@ def test_unreachable_broker_is_503_with_reason(ch_db: Client, kafka_settings: Se
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "kafka_unavailable"
         assert response.json()["error"]["message"]
+
+
+def test_gzip_batch_like_tracking_libraries_send(collector: TestClient, kafka_settings: Settings) -> None:
+    items = [{"type": "track", "userId": f"u{i}", "event": "watch_ad", "messageId": f"gz-{i}"} for i in range(20)]
+    body = gzip.compress(json.dumps({"batch": items, "sentAt": datetime.now(UTC).isoformat()}).encode())
+    response = collector.post(
+        "/v1/batch", content=body, auth=AUTH, headers={"content-encoding": "gzip", "content-type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["accepted"] == 20
+    events = events_on_raw(kafka_settings, 20)
+    assert sorted(str(e.id) for _, e in events) == sorted(str(event_id(f"gz-{i}")) for i in range(20))

@@ -7,6 +7,7 @@ lifespan is not entered, so nothing connects anywhere).
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -218,3 +219,29 @@ def test_error_body_is_json(client: TestClient) -> None:
     response = client.post("/v1/track", content=b"\x00", auth=AUTH)
     assert response.headers["content-type"].startswith("application/json")
     assert json.loads(response.text)["error"]["code"] == "invalid_json"
+
+
+def test_gzip_body_is_inflated(client: TestClient) -> None:
+    body = gzip.compress(b'{"userId": "u", "properties": {}}')
+    response = client.post("/v1/track", content=body, auth=AUTH, headers={"content-encoding": "gzip"})
+    error_of(response, 400, "missing_event_name")  # it was read: the inflated JSON lacks the event name
+
+
+def test_gzip_bomb_is_413(client: TestClient) -> None:
+    bomb = gzip.compress(b'{"userId": "u", "event": "' + b"x" * 5_000_000 + b'"}')
+    assert len(bomb) < 5_000, "1000 times smaller on the wire than inflated"
+    response = client.post("/v1/track", content=bomb, auth=AUTH, headers={"content-encoding": "gzip"})
+    error_of(response, 413, "event_too_large")
+
+
+def test_corrupt_gzip_is_400(client: TestClient) -> None:
+    response = client.post("/v1/track", content=b"not gzip", auth=AUTH, headers={"content-encoding": "gzip"})
+    error_of(response, 400, "invalid_gzip")
+    truncated = gzip.compress(b'{"userId": "u", "event": "x"}')[:-6]
+    response = client.post("/v1/track", content=truncated, auth=AUTH, headers={"content-encoding": "gzip"})
+    error_of(response, 400, "invalid_gzip")
+
+
+def test_unsupported_content_encoding_is_415(client: TestClient) -> None:
+    response = client.post("/v1/track", content=b"{}", auth=AUTH, headers={"content-encoding": "br"})
+    error_of(response, 415, "unsupported_encoding")
