@@ -5,13 +5,19 @@ The life of a message:
 1. ``consume`` hands the sink up to a few thousand messages at a time; each one is
    turned into a row (``to_row``) and appended to the open :class:`PendingBatch`.
    A message that cannot be turned into a row becomes a dead letter instead.
-2. The batch is flushed when it holds ``sink_batch_max_rows`` rows or is
-   ``sink_batch_max_seconds`` old: dead letters are delivered first, then the rows go
-   to ClickHouse in ONE insert, then — and only then — the offsets are committed
-   synchronously. ``_make_durable`` is the one place where an offset becomes durable.
-3. If the insert (or the dead-letter delivery) fails, nothing is committed. The sink
-   keeps the same batch, pauses its partitions (it still polls, so it stays in the
-   group) and retries with capped exponential backoff, forever: nothing is skipped.
+2. The batch is sealed when it holds ``sink_batch_max_rows`` rows or is
+   ``sink_batch_max_seconds`` old, and handed to the sink's writer thread: dead letters
+   are delivered, then the rows go to ClickHouse in ONE insert. Meanwhile the consumer
+   thread keeps decoding the next batch (the insert runs in ClickHouse's C++ code,
+   without Python's lock, so the two overlap).
+3. Only when the writer reports success does the consumer thread commit the batch's
+   offsets, synchronously: ``_commit`` is the one place where an offset becomes durable.
+   At most one batch is being written at a time, and a batch is never handed over
+   before the previous one is committed, so offsets are committed in order.
+4. If the insert (or the dead-letter delivery) fails, nothing is committed. The sink
+   keeps the failed batch and retries it with capped exponential backoff, forever;
+   nothing overtakes it. Once the open batch is full too, the sink pauses its
+   partitions (still polling, so it stays in the group): nothing is skipped.
 
 Why a replay is harmless
 ------------------------
@@ -27,13 +33,15 @@ those rows (readers use ``FINAL``).
 Rebalance
 ---------
 When partitions are revoked the sink still owns them for the duration of the
-callback, so it tries once to flush the open batch (insert + commit). If that fails
-it drops the batch without committing: the next owner re-reads from the last
-committed offset, and the table collapses whatever may have landed. When partitions
-are lost (the group moved on without us) committing is impossible, so the batch is
-dropped straight away.
+callback, so it makes what it consumed durable then, in order: it waits for the batch
+being written, then writes the failed and the open batch once each, committing each
+after its insert. Whatever cannot be made durable (ClickHouse is down) is dropped
+without a commit, and so is everything after it: the next owner re-reads from the
+last committed offset, and the table collapses whatever may have landed. When
+partitions are lost (the group moved on without us) committing is impossible, so
+everything uncommitted is dropped straight away.
 
-Graceful stop flushes and commits the open batch (retrying until the stop timeout).
+Graceful stop does the same as a revoke, retrying until the stop timeout.
 """
 
 from __future__ import annotations
@@ -43,9 +51,12 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -64,6 +75,8 @@ CONSUME_CHUNK = 5_000
 # First and largest wait between attempts to make a failed batch durable.
 RETRY_BACKOFF_FIRST_SECONDS = 0.2
 LAG_REFRESH_SECONDS = 2.0
+# How long a revoke waits for the batch being written before giving the partitions up.
+REVOKE_WAIT_SECONDS = 10.0
 
 
 class UndecodableMessage(ValueError):
@@ -88,6 +101,9 @@ class SinkSpec:
     topic: str
     table: str
     columns: tuple[str, ...]
+    # Arrow types of the columns: insert through Arrow (conversion in C++) instead of
+    # clickhouse-connect's column encoder. Only for rows of plain values (str, int, float).
+    arrow_types: tuple[pa.DataType, ...] | None = None
 
 
 @dataclass
@@ -100,6 +116,8 @@ class PendingBatch:
     ranges: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     messages: int = 0
     opened_at: float = field(default_factory=time.monotonic)
+    dead_lettered: int = 0
+    write_seconds: float = 0.0
 
     def track(self, topic: str, partition: int, offset: int) -> None:
         """Record that the message at ``offset`` belongs to this batch."""
@@ -123,7 +141,8 @@ class BatchSink:
     """A :class:`~tidemark.service.Service` that lands one Kafka topic in one ClickHouse table.
 
     Subclasses give a :class:`SinkSpec` and implement :meth:`to_row`. The consumer runs
-    on its own thread; ``stop`` flushes and commits what was consumed.
+    on its own thread, the inserts on a writer thread; ``stop`` flushes and commits
+    what was consumed.
     """
 
     def __init__(self, spec: SinkSpec, settings: Settings, client: Client) -> None:
@@ -137,9 +156,16 @@ class BatchSink:
         self.group_id = settings.group(f"sink.{spec.name}")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}.writer")
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        # The three places a consumed message can be, oldest first: being written, waiting
+        # for a retry (never both at once), and the open batch still being filled.
+        self._inflight: tuple[PendingBatch, Future[None]] | None = None
+        self._failed: PendingBatch | None = None
         self._batch = PendingBatch()
+        self._retry_at = 0.0
+        self._backoff = RETRY_BACKOFF_FIRST_SECONDS
         self._paused = False
         self._committed: dict[tuple[str, int], int] = {}
         self._lag_refreshed_at = 0.0
@@ -181,7 +207,7 @@ class BatchSink:
                  self.group_id)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Flush and commit the open batch, leave the group, and stop within ``timeout`` seconds."""
+        """Flush and commit what was consumed, leave the group, and stop within ``timeout`` seconds."""
         self._stop_deadline = time.monotonic() + max(timeout - 1.0, 0.5)
         self._stop.set()
         if self._thread is not None:
@@ -196,26 +222,26 @@ class BatchSink:
 
     @property
     def pending_messages(self) -> int:
-        """Messages consumed into the open batch and not yet committed."""
-        return self._batch.messages
+        """Messages consumed and not yet committed (being written, waiting for a retry, or open)."""
+        inflight, failed = self._inflight, self._failed
+        return (inflight[0].messages if inflight else 0) + (failed.messages if failed else 0) + self._batch.messages
 
     @property
     def error(self) -> BaseException | None:
         """The exception that ended the consuming thread, if one did."""
         return self._error
 
-    # --- the loop -----------------------------------------------------------------------
+    # --- the consumer thread ------------------------------------------------------------
 
     def _consumer_config(self) -> dict[str, Any]:
         return {
             "bootstrap.servers": self.settings.kafka_bootstrap,
             "group.id": self.group_id,
-            "enable.auto.commit": False,  # offsets are committed by _make_durable only
+            "enable.auto.commit": False,  # offsets are committed by _commit only
             "auto.offset.reset": "earliest",
             "session.timeout.ms": self.settings.sink_session_timeout_ms,
             "client.id": f"tidemark-{self.name}",
             # Keep more in the local queue so a fast consume never waits on a fetch.
-            "fetch.min.bytes": 1,
             "queued.min.messages": 100_000,
         }
 
@@ -223,46 +249,38 @@ class BatchSink:
         assert self._consumer is not None
         consumer = self._consumer
         max_rows = self.settings.sink_batch_max_rows
-        max_age = self.settings.sink_batch_max_seconds
-        retry_at = 0.0
-        backoff = RETRY_BACKOFF_FIRST_SECONDS
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                batch = self._batch
-                due = batch.messages and (len(batch.rows) >= max_rows or now - batch.opened_at >= max_age)
-                if due and now >= retry_at:
-                    if self._make_durable():
-                        backoff, retry_at = RETRY_BACKOFF_FIRST_SECONDS, 0.0
-                        self._resume()
-                    else:
-                        # Keep the batch, stop fetching more, poll only to stay in the group.
-                        self._pause()
-                        retry_at = time.monotonic() + backoff
-                        backoff = min(backoff * 2, self.settings.sink_retry_backoff_max_seconds)
-                    continue
-                if due:
-                    timeout = min(retry_at - now, 0.5)
-                elif batch.messages:
-                    timeout = max(min(batch.opened_at + max_age - now, 0.5), 0.0)
-                else:
-                    timeout = 0.5
-                room = max(max_rows - len(batch.rows), 1)
-                messages = consumer.consume(num_messages=min(room, CONSUME_CHUNK), timeout=timeout)
+                self._settle()
+                self._hand_over()
+                # A full open batch that cannot be handed over yet: stop fetching, keep polling.
+                self._set_paused(len(self._batch.rows) >= max_rows)
+                room = max(max_rows - len(self._batch.rows), 1)
+                messages = consumer.consume(num_messages=min(room, CONSUME_CHUNK), timeout=self._poll_timeout())
                 if messages:
                     self._add(messages)
                 self._refresh_lag()
-            self._flush_on_stop()
+            self._make_all_durable(self._stop_deadline, retry=True)
         except BaseException as exc:  # a dead sink must be visible, not silent
             self._error = exc
             log.exception("%s stopped by an unexpected error; uncommitted messages will be re-read", self.name)
         finally:
             try:
-                consumer.close()  # leaves the group (on_revoke runs with an empty batch)
+                consumer.close()  # leaves the group (on_revoke runs with nothing pending)
             except Exception:
                 log.exception("%s: closing the consumer failed", self.name)
+            self._writer.shutdown(wait=False)
             if self._producer is not None:
                 self._producer.flush(5)
+
+    def _poll_timeout(self) -> float:
+        """How long ``consume`` may wait: short while a write may finish or a batch falls due."""
+        if self._inflight is not None or self._failed is not None:
+            return 0.05
+        if self._batch.messages:
+            age = time.monotonic() - self._batch.opened_at
+            return min(max(self.settings.sink_batch_max_seconds - age, 0.0), 0.5)
+        return 0.5
 
     def _add(self, messages: Sequence[Message]) -> None:
         """Append a chunk of messages to the open batch (the hot loop: one ``to_row`` per message)."""
@@ -287,60 +305,146 @@ class BatchSink:
                     rows.append(row)
             batch.track(message.topic(), message.partition(), message.offset())
 
-    def _make_durable(self) -> bool:
-        """Deliver the batch's dead letters, insert its rows, THEN commit its offsets.
+    def _due(self, batch: PendingBatch) -> bool:
+        return bool(batch.messages) and (
+            len(batch.rows) >= self.settings.sink_batch_max_rows
+            or time.monotonic() - batch.opened_at >= self.settings.sink_batch_max_seconds
+        )
 
-        Returns whether the batch is now durable (and committed); on ``False`` the batch is
-        kept untouched for a retry. This is the only place where offsets are committed.
+    def _hand_over(self) -> None:
+        """Give the writer its next batch: the failed one once its backoff is over, else a due open one."""
+        if self._inflight is not None:
+            return
+        if self._failed is not None:  # nothing overtakes a failed batch
+            if time.monotonic() >= self._retry_at:
+                batch, self._failed = self._failed, None
+                self._inflight = (batch, self._writer.submit(self._write, batch))
+            return
+        if self._due(self._batch):
+            batch, self._batch = self._batch, PendingBatch()
+            self._inflight = (batch, self._writer.submit(self._write, batch))
+
+    def _settle(self, timeout: float | None = 0.0) -> bool:
+        """Collect the writer's result: commit the batch on success, keep it for a retry on failure.
+
+        Returns whether nothing is being written any more (``timeout`` None waits for it).
         """
-        assert self._consumer is not None
-        batch = self._batch
-        if not batch.messages:
+        if self._inflight is None:
             return True
-        started = time.monotonic()
-        dead_letters = len(batch.dead_letters)
-        try:
-            self._deliver_dead_letters(batch)
-            if batch.rows:
-                self.insert_batch(batch)
-        except Exception as exc:
-            self.insert_failures += 1
-            metrics.INSERT_FAILURES.labels(**self._labels).inc()
-            log.warning("%s: could not make %d rows from %d partitions durable (attempt kept for retry): %s",
-                        self.name, len(batch.rows), len(batch.ranges), exc)
-            return False
-        inserted = time.monotonic()
-        # ---- the rows are in ClickHouse: from here on the offsets may become durable ----
+        batch, future = self._inflight
+        if timeout is not None and not future.done():
+            try:
+                future.exception(timeout)
+            except FutureTimeout:
+                return False
+        self._inflight = None
+        error = future.exception()
+        if error is None:
+            self._backoff = RETRY_BACKOFF_FIRST_SECONDS
+            self._commit(batch)
+        else:
+            self._count_failure(batch, error)
+            self._failed = batch
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, self.settings.sink_retry_backoff_max_seconds)
+        return True
+
+    def _count_failure(self, batch: PendingBatch, error: BaseException) -> None:
+        self.insert_failures += 1
+        metrics.INSERT_FAILURES.labels(**self._labels).inc()
+        log.warning("%s: could not make %d rows from %d partitions durable (retry in %.1fs): %s",
+                    self.name, len(batch.rows), len(batch.ranges), self._backoff, error)
+
+    def _commit(self, batch: PendingBatch) -> None:
+        """THE DURABLE POINT: the batch's rows are in ClickHouse, so its offsets may now be committed."""
+        assert self._consumer is not None
         offsets = batch.offsets_to_commit()
+        started = time.monotonic()
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             # The rows are durable; only the bookkeeping failed (typically a rebalance in
             # flight). Whoever reads these offsets next replays them harmlessly.
             log.warning("%s: commit after insert failed, batch will be replayed: %s", self.name, exc)
-        else:
-            for tp in offsets:
-                self._committed[(tp.topic, tp.partition)] = tp.offset
-            self.committed_messages += batch.messages
-            metrics.COMMITTED_MESSAGES.labels(**self._labels).inc(batch.messages)
-        self._batch = PendingBatch()
+            return
+        for tp in offsets:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
+        self.committed_messages += batch.messages
+        metrics.COMMITTED_MESSAGES.labels(**self._labels).inc(batch.messages)
         log.info("Inserted %d rows into %s (%d dead letters) from %d partitions in %.2fs, committed in %.3fs",
-                 len(batch.rows), self.spec.table, dead_letters, len(batch.ranges),
-                 inserted - started, time.monotonic() - inserted)
+                 len(batch.rows), self.spec.table, batch.dead_lettered, len(batch.ranges), batch.write_seconds,
+                 time.monotonic() - started)
+
+    def _make_all_durable(self, deadline: float, retry: bool) -> bool:
+        """Write and commit everything consumed, oldest first, on this thread (rebalance and stop).
+
+        Each batch gets one attempt, or (``retry``) attempts until ``deadline``. A batch that
+        cannot be made durable stops the walk: committing a later batch would commit past it.
+        Returns whether everything was committed.
+        """
+        if not self._settle(timeout=max(deadline - time.monotonic(), 0.1)):
+            return False  # still being written at the deadline
+        for batch in (self._failed, self._batch):
+            if batch is None or not batch.messages:
+                continue
+            while True:
+                try:
+                    self._write(batch)
+                    break
+                except Exception as exc:
+                    self._count_failure(batch, exc)
+                    if not retry or time.monotonic() + self._backoff > deadline:
+                        return False
+                    time.sleep(self._backoff)  # waiting out a failing ClickHouse, not synchronising
+                    self._backoff = min(self._backoff * 2, self.settings.sink_retry_backoff_max_seconds)
+            self._commit(batch)
+            if batch is self._failed:
+                self._failed = None
+            else:
+                self._batch = PendingBatch()
         return True
 
+    def _drop_uncommitted(self, why: str) -> None:
+        """Forget everything not committed; the next owner of the partitions re-reads it."""
+        dropped = self.pending_messages
+        if dropped:
+            log.warning("%s: %s: dropping %d uncommitted messages for the next owner", self.name, why, dropped)
+        self._inflight = None  # a write still running may land: a replay collapses onto it
+        self._failed = None
+        self._batch = PendingBatch()
+        self._backoff = RETRY_BACKOFF_FIRST_SECONDS
+
+    # --- the writer thread --------------------------------------------------------------
+
+    def _write(self, batch: PendingBatch) -> None:
+        """Deliver the batch's dead letters and insert its rows; raise if either fails."""
+        started = time.monotonic()
+        self._deliver_dead_letters(batch)
+        if batch.rows:
+            self.insert_batch(batch)
+        batch.write_seconds = time.monotonic() - started
+
     def insert_batch(self, batch: PendingBatch) -> None:
-        """One column-oriented insert of the whole batch, deduplicated by its offset ranges."""
+        """One insert of the whole batch, deduplicated by its offset ranges."""
         columns = list(zip(*batch.rows, strict=True))
+        settings = {"insert_deduplication_token": batch.dedup_token()}
         started = time.perf_counter()
-        self.client.insert(
-            self.spec.table,
-            columns,
-            column_names=list(self.spec.columns),
-            database=self.database,
-            column_oriented=True,
-            settings={"insert_deduplication_token": batch.dedup_token()},
-        )
+        if self.spec.arrow_types is not None:
+            # Arrow keeps the conversion in C++: the consumer thread keeps Python's lock meanwhile.
+            table = pa.Table.from_arrays(
+                [pa.array(column, type=kind) for column, kind in zip(columns, self.spec.arrow_types, strict=True)],
+                names=list(self.spec.columns),
+            )
+            self.client.insert_arrow(self.spec.table, table, database=self.database, settings=settings)
+        else:
+            self.client.insert(
+                self.spec.table,
+                columns,
+                column_names=list(self.spec.columns),
+                database=self.database,
+                column_oriented=True,
+                settings=settings,
+            )
         metrics.INSERT_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
         metrics.BATCH_ROWS.labels(**self._labels).observe(len(batch.rows))
         metrics.ROWS_INSERTED.labels(**self._labels).inc(len(batch.rows))
@@ -371,35 +475,20 @@ class BatchSink:
         for letter in batch.dead_letters:
             metrics.DEAD_LETTERED.labels(sink=self.spec.name, reason=letter.reason).inc()
         self.dead_lettered += len(batch.dead_letters)
+        batch.dead_lettered += len(batch.dead_letters)
         batch.dead_letters = []
 
-    def _flush_on_stop(self) -> None:
-        """On a graceful stop, keep trying to make the open batch durable until the stop deadline."""
-        deadline = self._stop_deadline
-        backoff = RETRY_BACKOFF_FIRST_SECONDS
-        while self._batch.messages:
-            if self._make_durable():
-                return
-            if time.monotonic() + backoff > deadline:
-                log.error("%s: stopping with %d uncommitted messages; they will be re-read on the next start",
-                          self.name, self._batch.messages)
-                return
-            time.sleep(backoff)  # waiting out a failing ClickHouse before the next attempt, not synchronising
-            backoff = min(backoff * 2, self.settings.sink_retry_backoff_max_seconds)
+    # --- partition lifecycle (callbacks run on the consumer thread, inside consume) -------
 
-    # --- partition lifecycle -------------------------------------------------------------
-
-    def _pause(self) -> None:
+    def _set_paused(self, paused: bool) -> None:
         assert self._consumer is not None
-        if not self._paused:
-            self._consumer.pause(self._consumer.assignment())
-            self._paused = True
-
-    def _resume(self) -> None:
-        assert self._consumer is not None
-        if self._paused:
-            self._consumer.resume(self._consumer.assignment())
-            self._paused = False
+        if paused != self._paused:
+            assignment = self._consumer.assignment()
+            if paused:
+                self._consumer.pause(assignment)
+            else:
+                self._consumer.resume(assignment)
+            self._paused = paused
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s assigned %s", self.name, _describe(partitions))
@@ -413,18 +502,13 @@ class BatchSink:
             log.warning("%s: could not read committed offsets: %s", self.name, exc)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("%s revoked %s with %d messages pending", self.name, _describe(partitions), self._batch.messages)
-        if self._batch.messages and not self._make_durable():
-            log.warning("%s: partitions revoked with an undurable batch: dropping %d messages for the next owner",
-                        self.name, self._batch.messages)
-            self._batch = PendingBatch()
+        log.info("%s revoked %s with %d messages pending", self.name, _describe(partitions), self.pending_messages)
+        if self.pending_messages and not self._make_all_durable(time.monotonic() + REVOKE_WAIT_SECONDS, retry=False):
+            self._drop_uncommitted("partitions revoked before the batch was durable")
         self._forget(partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self._batch.messages:
-            log.warning("%s: partitions lost: dropping %d uncommitted messages for the next owner",
-                        self.name, self._batch.messages)
-            self._batch = PendingBatch()
+        self._drop_uncommitted("partitions lost")
         self._forget(partitions)
 
     def _forget(self, partitions: list[TopicPartition]) -> None:

@@ -15,6 +15,7 @@ import re
 from functools import cache
 from typing import Any
 
+import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
@@ -40,6 +41,7 @@ EVENTS_SINK = SinkSpec(
         "properties",
         "context",
     ),
+    arrow_types=(*[pa.string()] * 6, pa.timestamp("ms", tz="UTC"), pa.timestamp("ms", tz="UTC"), *[pa.string()] * 3),
 )
 
 # Every version of the event schema, newest first (the same files ``schemas.codec.event_codec`` reads).
