@@ -67,6 +67,10 @@ SDK_EVENTS = Counter(
     "Events handled by the Python SDK, by outcome (enqueued, delivered, failed, dropped).",
     ["outcome"],
 )
+# Label lookups cost more than the increments: resolve each child once.
+_ENQUEUED, _DELIVERED, _FAILED, _DROPPED = (
+    SDK_EVENTS.labels(outcome) for outcome in ("enqueued", "delivered", "failed", "dropped")
+)
 
 
 @dataclass(frozen=True)
@@ -165,9 +169,9 @@ class Tracker:
         Raises ``ValueError`` at once when the event is invalid. Returns promptly even when
         Kafka is unreachable (see the module docstring for what happens then).
         """
-        event = self._build(event_name, user_id, anonymous_id, properties, context, timestamp, message_id)
-        self.send(event)
-        return event.id
+        event_id, record = self._build(event_name, user_id, anonymous_id, properties, context, timestamp, message_id)
+        self.send_record(record)
+        return event_id
 
     def identify(
         self,
@@ -262,7 +266,7 @@ class Tracker:
                 return
         with self._lock:
             self._enqueued += 1
-        SDK_EVENTS.labels("enqueued").inc()
+        _ENQUEUED.inc()
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self, timeout: float = 10.0) -> int:
@@ -326,23 +330,28 @@ class Tracker:
         context: Mapping[str, Any] | None,
         timestamp: datetime | None,
         message_id: uuid.UUID | str | None,
-    ) -> AnalyticsEvent:
+    ) -> tuple[uuid.UUID, dict[str, Any]]:
+        """Validate the call's arguments with ``AnalyticsEvent`` and return (id, Avro record)."""
         try:
             event_id = message_id if isinstance(message_id, uuid.UUID) else uuid.UUID(message_id or uuid.uuid4().hex)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"message_id {message_id!r} is not a UUID") from exc
-        ctx = _json_object(context, "context")
+        props = _mapping(properties, "properties")
+        ctx = _mapping(context, "context")
         ctx.setdefault("library", LIBRARY)
+        # Serialised once, here: this both proves the values are JSON and is the text the wire carries.
+        props_text = _json_text(props, "properties")
+        ctx_text = _json_text(ctx, "context")
         now = now_millis()
         try:
-            return AnalyticsEvent(
+            event = AnalyticsEvent(
                 id=event_id,
                 eventType=event_type_for(event_name),
                 eventName=event_name,
                 userId=user_id,
                 anonymousId=anonymous_id,
                 sessionId=None,
-                properties=_json_object(properties, "properties"),
+                properties=props,
                 context=ctx,
                 timestamp=now if timestamp is None else timestamp,
                 receivedAt=now,
@@ -351,6 +360,21 @@ class Tracker:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"invalid event {event_name!r}: {problems}") from exc
+        # event.to_avro() with the JSON texts made above (it would serialise both objects again).
+        record = {
+            "id": str(event.id),
+            "eventType": event.event_type.value,
+            "eventName": event.event_name,
+            "userId": event.user_id,
+            "anonymousId": event.anonymous_id,
+            "sessionId": None,
+            "properties": props_text,
+            "context": ctx_text,
+            "timestamp": _millis(event.timestamp),
+            "receivedAt": _millis(now),
+            "source": self.source,
+        }
+        return event.id, record
 
     def _serve_delivery_reports(self) -> None:
         while not self._closed.is_set():
@@ -360,7 +384,7 @@ class Tracker:
         if err is None:
             with self._lock:
                 self._delivered += 1
-            SDK_EVENTS.labels("delivered").inc()
+            _DELIVERED.inc()
         else:
             self._count_failed(f"{err.name()}: {err.str()}")
 
@@ -369,14 +393,14 @@ class Tracker:
             self._failed += 1
             self._unlogged_failures += 1
             self._last_reason = reason
-        SDK_EVENTS.labels("failed").inc()
+        _FAILED.inc()
         self._log_failures()
 
     def _count_dropped(self) -> None:
         with self._lock:
             self._dropped += 1
             dropped = self._dropped
-        SDK_EVENTS.labels("dropped").inc()
+        _DROPPED.inc()
         if dropped == 1 or dropped % 1000 == 0:
             log.warning("Tracker dropped %d events so far: the producer queue stayed full (is Kafka up?)", dropped)
 
@@ -411,14 +435,22 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _json_object(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    """A JSON-safe copy of ``value`` (dates as ISO text, decimals as numbers); ValueError if impossible."""
+def _mapping(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise ValueError(f"{what} must be a mapping, not {type(value).__name__}")
+    return dict(value)
+
+
+def _json_text(value: dict[str, Any], what: str) -> str:
+    """``value`` as compact JSON text (dates as ISO text, decimals as numbers); ValueError if impossible."""
     try:
-        result: dict[str, Any] = json.loads(json.dumps(dict(value), default=_json_default, allow_nan=False))
+        return json.dumps(value, default=_json_default, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} are not JSON: {exc}") from exc
-    return result
+
+
+def _millis(moment: datetime) -> int:
+    # The same arithmetic as AnalyticsEvent.to_avro, so both paths put identical bytes on the wire.
+    return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
