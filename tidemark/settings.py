@@ -78,6 +78,15 @@ class Settings(BaseSettings):
     report_timezone: str = Field("UTC", description="IANA timezone for day/week/month boundaries.")
     week_start: int = Field(1, description="First day of the week, ISO numbering (1 = Monday, 7 = Sunday).")
     session_inactivity_minutes: int = Field(30, description="A session closes after this much inactivity.")
+    session_max_length_minutes: int = Field(24 * 60, description="A session closes at this length.")
+
+    # Stream processing (streams/)
+    stream_grace_seconds: float = Field(300.0, description="How late (event time) an event may be for its window.")
+    stream_flush_seconds: float = Field(1.0, description="Publish sessions and metric updates this often ...")
+    stream_flush_events: int = Field(20_000, description="... or after this many events per partition.")
+    stream_app_id: str = Field("tidemark-streams", description="Faust app id (names its internal topics).")
+    stream_web_port: int = Field(6066, description="Port of the stream worker's web endpoint (0 = none).")
+    metrics_file: Path | None = Field(None, description="JSON/YAML file of extra metric definitions.")
 
     # Processes
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="Where local state (chDB, SQLite, logs) lives.")
