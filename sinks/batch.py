@@ -303,7 +303,8 @@ class BatchSink:
                 row = self.undecodable(message, exc)
                 if row is not None:
                     rows.append(row)
-            batch.track(message.topic(), message.partition(), message.offset())
+            # A consumed (non-error) message always has its topic, partition and offset.
+            batch.track(message.topic(), message.partition(), message.offset())  # type: ignore[arg-type]
 
     def _due(self, batch: PendingBatch) -> bool:
         return bool(batch.messages) and (
