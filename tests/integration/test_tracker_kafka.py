@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -118,3 +121,29 @@ def test_demo_events_are_sent_as_they_are(kafka_settings: Settings) -> None:
     assert len(received) == len(events)
     for event in events:
         assert received[event.id].to_avro() == event.to_avro()
+
+
+def test_interpreter_exit_flushes_what_is_queued(kafka_settings: Settings) -> None:
+    # A program that tracks and exits without closing: the atexit hook must deliver the events.
+    # A linger.ms of 20 s keeps them in the producer's queue until the interpreter shuts down (flush ignores it).
+    program = f"""
+from tidemark.settings import Settings
+from tidemark.tracker import Tracker
+tracker = Tracker(settings=Settings(kafka_bootstrap={kafka_settings.kafka_bootstrap!r},
+                                    topic_prefix={kafka_settings.topic_prefix!r}),
+                  linger_ms=20000, delivery_timeout_ms=60000)
+for n in range(150):
+    tracker.track("login", user_id=f"u{{n}}")
+print(tracker.stats.delivered)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"  # nothing was delivered before exit ...
+    records = read_topic(kafka_settings, "events.raw")
+    assert sorted(event.user_id for _, event in records) == sorted(f"u{n}" for n in range(150))  # ... all after
