@@ -428,7 +428,11 @@ class BatchSink:
     def insert_batch(self, batch: PendingBatch) -> None:
         """One insert of the whole batch, deduplicated by its offset ranges."""
         columns = list(zip(*batch.rows, strict=True))
-        settings = {"insert_deduplication_token": batch.dedup_token()}
+        settings = {
+            "insert_deduplication_token": batch.dedup_token(),
+            # A batch spanning many months (a backfill) must not be refused forever.
+            "max_partitions_per_insert_block": 0,
+        }
         started = time.perf_counter()
         if self.spec.arrow_types is not None:
             # Arrow keeps the conversion in C++: the consumer thread keeps Python's lock meanwhile.

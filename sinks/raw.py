@@ -47,6 +47,11 @@ EVENTS_SINK = SinkSpec(
 # Every version of the event schema, newest first (the same files ``schemas.codec.event_codec`` reads).
 EVENT_SCHEMA_FILES = ("analytics_event.avsc", "analytics_event.v1.avsc")
 
+# Event times the table accepts: a month partition per distinct month, so one absurd
+# timestamp must not create partitions (or values a client cannot read back) by itself.
+MIN_EVENT_MILLIS = 0  # 1970-01-01
+MAX_EVENT_MILLIS = 4_102_444_800_000  # 2100-01-01
+
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -89,11 +94,14 @@ def event_row(message: Message) -> Row:
     # A malformed id would make ClickHouse refuse the whole batch: refuse the one event instead.
     if not _UUID.fullmatch(event_id):
         raise UndecodableMessage("invalid_event_id", f"event id {event_id[:80]!r} is not a UUID")
+    timestamp = record["timestamp"]
+    if not MIN_EVENT_MILLIS <= timestamp < MAX_EVENT_MILLIS:
+        raise UndecodableMessage("timestamp_out_of_range", f"event time {timestamp} ms is not in 1970-2099")
     received_at = record.get("receivedAt")
-    if received_at is None:
+    if received_at is None or not MIN_EVENT_MILLIS <= received_at < MAX_EVENT_MILLIS:
         kind, received_at = message.timestamp()
         if kind == TIMESTAMP_NOT_AVAILABLE:
-            received_at = record["timestamp"]
+            received_at = timestamp
     return (
         event_id,
         record["eventType"],
@@ -101,7 +109,7 @@ def event_row(message: Message) -> Row:
         record["userId"] or "",
         record["anonymousId"] or "",
         record["sessionId"] or "",
-        record["timestamp"],
+        timestamp,
         received_at,
         record.get("source") or "unknown",
         record["properties"],

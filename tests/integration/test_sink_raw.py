@@ -179,3 +179,17 @@ def test_consumer_lag_metric_reaches_zero(
 
     wait_for(lambda: len(lags()) == EVENTS_RAW.partitions and not any(lags().values()), 60, "lag 0 on every partition")
     assert count_final(ch_db) == 300
+
+
+def test_a_batch_spanning_many_months_is_accepted(sink_settings: Settings, ch_db: Client) -> None:
+    """A backfill batch touching more month partitions than ClickHouse's default limit (100) still lands."""
+    sink = RawEventSink(sink_settings, ch_db)  # not started: only its insert is used
+    batch = PendingBatch()
+    month_millis = 31 * 24 * 3600 * 1000
+    for offset, event in enumerate(make_events(150, seed=8)):
+        stamp = 1_000_000_000_000 + offset * month_millis  # 2001-09 onwards, one month apart
+        batch.rows.append((event["id"], "action", "login", "u", "", "", stamp, stamp, "sdk", "{}", "{}"))
+        batch.track(sink.topic, 0, offset)
+    sink.insert_batch(batch)
+    months = ch_db.query("SELECT uniqExact(toYYYYMM(timestamp)), count() FROM events FINAL").result_rows[0]
+    assert months == (150, 150)

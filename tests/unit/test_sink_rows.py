@@ -96,6 +96,8 @@ def test_wire_codec_reads_exactly_what_the_event_codec_reads() -> None:
         (b"\xc3\x01" + b"\x00" * 8 + b"\x02", "undecodable"),  # unknown writer schema
         (event_codec().encode(RECORD)[:25], "undecodable"),  # truncated body
         (event_codec().encode({**RECORD, "id": "not-a-uuid"}), "invalid_event_id"),
+        (event_codec().encode({**RECORD, "timestamp": 2**62}), "timestamp_out_of_range"),
+        (event_codec().encode({**RECORD, "timestamp": -1}), "timestamp_out_of_range"),
     ],
 )
 def test_bad_messages_are_refused_with_a_reason(value: bytes | None, reason: str) -> None:
@@ -132,3 +134,8 @@ def test_undecodable_dead_letter_row_is_stable_across_replays() -> None:
     assert first[1] == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
     assert first[3:] == ("undecodable_dead_letter", first[4], "garbage")
     assert "events.raw:2:41" in first[4]
+
+
+def test_an_absurd_received_at_falls_back_to_the_kafka_timestamp() -> None:
+    row = event_row(message(event_codec().encode({**RECORD, "receivedAt": 2**60})))
+    assert row[7] == 1_700_000_009_999
