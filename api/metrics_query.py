@@ -534,11 +534,47 @@ def _value_expr(sql: ParameterisedSQL, prop: str | None) -> str:
 
 @dataclass
 class MetricPlan:
-    """The pieces of one metric's raw-events query, shared by bucketed, total and top-N queries."""
+    """The pieces of one metric's raw-events query, shared by bucketed, total and top-N queries.
+
+    ``source`` is what the query reads ``FROM``: the deduplicated events, joined to the
+    identity links only when the metric counts people (the join is the expensive part).
+    """
 
     sql: ParameterisedSQL
     aggregate: str
     where: str
+    source: str
+
+
+#: The event columns a metric query may read (materialised ones are not in ``SELECT *``).
+_EVENT_COLUMNS = (
+    "event_id, event_type, event_name, user_id, anonymous_id, timestamp, properties, context, amount, currency, "
+    "project_id, community, category, country, device_type, utm_source"
+)
+
+
+def _needs_person(metric: CatalogueMetric, catalogue: MetricCatalogue) -> bool:
+    if metric.aggregation is Aggregation.ratio:
+        return any(
+            _needs_person(catalogue.get(part), catalogue) for part in (metric.numerator or "", metric.denominator or "")
+        )
+    return metric.aggregation is Aggregation.distinct_users
+
+
+def _stitched_events(start: str, end: str) -> str:
+    """Events in ``[start, end)`` with ``person_id`` as ``events_resolved`` defines it.
+
+    Same rows and persons as the view, but the identity links are read only for the anonymous
+    ids that occur without a user id in the range (the view joins every link there is).
+    """
+    in_range = f"timestamp >= {start} AND timestamp < {end}"
+    return (
+        "(SELECT e.*, multiIf(e.user_id != '', e.user_id, i.user_id != '', i.user_id, e.anonymous_id) AS person_id "
+        f"FROM (SELECT {_EVENT_COLUMNS} FROM events FINAL WHERE {in_range}) AS e "
+        "LEFT JOIN (SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities "
+        f"WHERE anonymous_id IN (SELECT anonymous_id FROM events WHERE user_id = '' AND {in_range}) "
+        "GROUP BY anonymous_id) AS i ON i.anonymous_id = e.anonymous_id)"
+    )
 
 
 def _plan(
@@ -550,7 +586,8 @@ def _plan(
     end = sql.param(window.end.replace(tzinfo=None), "DateTime64(3, 'UTC')")
     where = [f"timestamp >= {start}", f"timestamp < {end}", f"({condition})"]
     where += [_filter_expr(sql, f) for f in filters]
-    return MetricPlan(sql, aggregate, " AND ".join(where))
+    source = _stitched_events(start, end) if _needs_person(metric, catalogue) else "events FINAL"
+    return MetricPlan(sql, aggregate, " AND ".join(where), source)
 
 
 # --- running queries -----------------------------------------------------------------------------
@@ -613,7 +650,7 @@ class MetricsEngine:
         """The metric over the whole window (one number)."""
         metric = self.catalogue.get(metric_name)
         plan = _plan(metric, self.catalogue, window, filters)
-        rows = self._query(f"SELECT {plan.aggregate} FROM events_resolved WHERE {plan.where}", plan.sql)
+        rows = self._query(f"SELECT {plan.aggregate} FROM {plan.source} WHERE {plan.where}", plan.sql)
         return float(rows[0][0]) if rows else 0.0
 
     # -- internals --
@@ -677,7 +714,7 @@ class MetricsEngine:
         plan = _plan(metric, self.catalogue, TimeWindow(first, last, window.zone), query.filters)
         bucket = _bucket_expr(query.granularity, plan.sql, window.zone.key, self.week_start)
         rows = self._query(
-            f"SELECT {bucket} AS t, {plan.aggregate} AS v FROM events_resolved WHERE {plan.where} GROUP BY t",
+            f"SELECT {bucket} AS t, {plan.aggregate} AS v FROM {plan.source} WHERE {plan.where} GROUP BY t",
             plan.sql,
         )
         wanted = set(buckets)
@@ -695,7 +732,7 @@ class MetricsEngine:
         plan = _plan(metric, self.catalogue, window, query.filters)
         dim = _dimension_expr(plan.sql, query.breakdown)
         ranked = self._query(
-            f"SELECT {dim} AS d, {plan.aggregate} AS v FROM events_resolved WHERE {plan.where} "
+            f"SELECT {dim} AS d, {plan.aggregate} AS v FROM {plan.source} WHERE {plan.where} "
             f"GROUP BY d ORDER BY v DESC, d LIMIT {int(query.top_n) + 1}",
             plan.sql,
         )
@@ -706,12 +743,12 @@ class MetricsEngine:
         group = f"if({dim} IN {top_param}, {dim}, {other_param})"
         bucket = _bucket_expr(query.granularity, plan.sql, window.zone.key, self.week_start)
         rows = self._query(
-            f"SELECT {bucket} AS t, {group} AS g, {plan.aggregate} AS v FROM events_resolved "
+            f"SELECT {bucket} AS t, {group} AS g, {plan.aggregate} AS v FROM {plan.source} "
             f"WHERE {plan.where} GROUP BY t, g",
             plan.sql,
         )
         totals = self._query(
-            f"SELECT {group} AS g, {plan.aggregate} AS v FROM events_resolved WHERE {plan.where} GROUP BY g",
+            f"SELECT {group} AS g, {plan.aggregate} AS v FROM {plan.source} WHERE {plan.where} GROUP BY g",
             plan.sql,
         )
         by_group: dict[str, dict[datetime, float]] = {}
