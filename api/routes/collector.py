@@ -18,11 +18,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from api.auth import ErrorBody
 from api.collector.enrich import RequestFacts
 from api.collector.segment import (
     MESSAGE_TYPES,
     CollectorError,
     Intake,
+    SegmentMessage,
     TimeLimits,
     read_batch,
     read_message,
@@ -52,11 +54,33 @@ class BatchAccepted(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Invalid message: bad JSON or UTF-8, wrong types, missing fields, timestamp out of range"},
-    401: {"description": "Unknown or missing write key"},
-    413: {"description": "Event or batch larger than the limit"},
-    415: {"description": "Content-Encoding other than gzip"},
-    503: {"description": "Kafka did not acknowledge the events; retry"},
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (400, "Invalid message: bad JSON or UTF-8, wrong types, missing fields, timestamp out of range"),
+        (401, "Unknown or missing write key"),
+        (413, "Event or batch larger than the limit"),
+        (415, "Content-Encoding other than gzip"),
+        (503, "Kafka did not acknowledge the events; retry"),
+    )
+}
+
+
+def _request_body(schema: dict[str, Any]) -> dict[str, Any]:
+    # The body is read raw (bounded, gzip-aware) and validated by api.collector.segment; this only
+    # documents it in the OpenAPI schema.
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+MESSAGE_SCHEMA = SegmentMessage.model_json_schema()
+BATCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["batch"],
+    "properties": {
+        "batch": {"type": "array", "items": MESSAGE_SCHEMA, "minItems": 1},
+        "context": {"type": "object"},
+        "sentAt": {"type": "string", "format": "date-time"},
+        "writeKey": {"type": "string"},
+    },
 }
 
 
@@ -165,6 +189,7 @@ for _type in MESSAGE_TYPES:
         response_model=Accepted,
         responses=ERROR_RESPONSES,
         summary=f"Collect one {_type} message",
+        openapi_extra=_request_body(MESSAGE_SCHEMA),
     )
 
 
@@ -184,7 +209,13 @@ async def _publish_batch(intake: Intake, publisher: EventPublisher) -> BatchAcce
     )
 
 
-@router.post("/batch", response_model=BatchAccepted, responses=ERROR_RESPONSES, summary="Collect a batch")
+@router.post(
+    "/batch",
+    response_model=BatchAccepted,
+    responses=ERROR_RESPONSES,
+    summary="Collect a batch",
+    openapi_extra=_request_body(BATCH_SCHEMA),
+)
 @router.post("/import", response_model=BatchAccepted, responses=ERROR_RESPONSES, include_in_schema=False)
 async def collect_batch(
     request: Request, settings: SettingsDep, publisher: PublisherDep

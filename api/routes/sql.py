@@ -14,6 +14,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from api.auth import ErrorBody
 from api.deps import Analyst, ClickHouseDep, SettingsDep
 from api.readonly import QueryFailed, QueryRefused, ReadOnlyGuard, jsonable, run_readonly
 
@@ -57,8 +58,9 @@ def _guard(request: Request) -> ReadOnlyGuard:
     summary="Run a read-only SQL query",
     responses={
         200: {"content": {"text/csv": {}}, "description": "JSON result, or CSV with a header row"},
-        400: {"description": "Not a read-only query, or ClickHouse refused it (its message is returned)"},
-        401: {"description": "Missing or wrong bearer token (when TIDEMARK_API_TOKEN is set)"},
+        400: {"model": ErrorBody, "description": "Not a read-only query, or ClickHouse refused it (its message)"},
+        401: {"model": ErrorBody, "description": "Missing or wrong bearer token (when TIDEMARK_API_TOKEN is set)"},
+        503: {"model": ErrorBody, "description": "ClickHouse is not connected yet"},
     },
 )
 def run_sql(
