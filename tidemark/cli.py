@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=get_settings().log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns what matters
     return int(args.func(args) or 0)
 
 

@@ -26,10 +26,13 @@ class LocalKafka:
         self.state_dir = Path(state_dir)
         self.bootstrap: str | None = None
 
-    def start(self, timeout: float = 180.0) -> str:
-        """Start the broker (resolving the jars first if needed) and return its bootstrap address."""
+    def start(self, port: int | None = None, timeout: float = 180.0) -> str:
+        """Start the broker (resolving the jars first if needed) and return its bootstrap address.
+
+        ``port`` is used on the first start only (when free); later starts keep the ports they had.
+        """
         result = subprocess.run(
-            [str(KAFKA_SCRIPT), "start", str(self.state_dir)],
+            [str(KAFKA_SCRIPT), "start", str(self.state_dir), *([str(port)] if port else [])],
             check=True,
             capture_output=True,
             text=True,

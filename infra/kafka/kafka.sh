@@ -29,8 +29,10 @@ jars() {
   fi
   command -v mvn >/dev/null || die "Maven (mvn) is needed to resolve the Kafka jars"
   rm -rf "$LIB"
+  mkdir -p "$LIB"
   mvn -q -B -Dstyle.color=never -f "$HERE/pom.xml" dependency:copy-dependencies \
-      -DoutputDirectory="$LIB" -DincludeScope=runtime >&2
+      -DoutputDirectory="$LIB" -DincludeScope=runtime > "$LIB/maven.log" 2>&1 \
+    || { cat "$LIB/maven.log" >&2; die "Maven could not resolve the Kafka jars"; }
   cp "$HERE/pom.xml" "$stamp"
 }
 

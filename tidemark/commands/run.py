@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,6 +70,19 @@ class ProcessGroup:
             print(f"  stopped {name} (exit {proc.returncode})")
 
 
+def _preferred_port(bootstrap: str) -> int | None:
+    """The configured broker port, when it is a free loopback port (so the SDK's default address works)."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    if host not in {"127.0.0.1", "localhost"} or not port.isdigit():
+        return None
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", int(port)))
+        except OSError:
+            return None
+    return int(port)
+
+
 def _command_available(name: str) -> bool:
     return importlib.util.find_spec(f"tidemark.commands.{name}") is not None
 
@@ -94,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     (state / "logs").mkdir(parents=True, exist_ok=True)
     print("Tidemark — starting the local pipeline")
     broker = LocalKafka(state / "kafka")
-    bootstrap = broker.start()
+    bootstrap = broker.start(port=_preferred_port(settings.kafka_bootstrap))
     print(f"  Kafka    {bootstrap} (data in {state / 'kafka'})")
     env = {**os.environ, "TIDEMARK_KAFKA_BOOTSTRAP": bootstrap, "TIDEMARK_STATE_DIR": str(state)}
     ensure_topics(settings.model_copy(update={"kafka_bootstrap": bootstrap}))
