@@ -198,7 +198,25 @@ def funnel_attempt(
         if t <= prev[0] + window:
             attempts[s - 1] = prev + [t]
     reached = [a for a in attempts if a is not None]
-    return reached[-1] if reached else []
+    replayed = reached[-1] if reached else []
+    if order == "strict":
+        return replayed
+    # Ordered: the earliest start reaching the level, taking the first next step each time.
+    by_step: dict[int, list[int]] = defaultdict(list)
+    for t, s in entries:
+        by_step[s].append(t)
+    best: list[int] = []
+    for start in by_step[1]:
+        chain = [start]
+        for k in range(2, n + 1):
+            nxt = next((t for t in by_step[k] if chain[-1] <= t <= start + window), None)
+            if nxt is None:
+                break
+            chain.append(nxt)
+        if len(chain) > len(best):
+            best = chain
+    assert len(best) == len(replayed), "greedy attempt and windowFunnel replay disagree on the level"
+    return best
 
 
 def funnel_reference(

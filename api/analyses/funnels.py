@@ -29,9 +29,17 @@ Orders:
   means "did *k* of the steps"; times are between the first time each step was done in that
   window, sorted. Exclusions are not defined for unordered funnels.
 
-Times to convert come from the attempt that gave the level (same rules, computed with
-``arrayFold``; a ``throwIf`` guards that it agrees with ``windowFunnel``). Medians and p90
-are ``quantileExactInclusive`` (linear interpolation, like ``numpy.percentile``), in seconds.
+Times to convert come from one attempt per person that reaches their level (a ``throwIf``
+guards that its length equals ``windowFunnel``'s level):
+
+- ordered: the earliest step-1 event from which the level is reached, each next step being
+  the first matching event at or after the previous step (array functions per step);
+- strict: the latest attempt that reached the level, replayed with ``arrayFold`` by the same
+  rules as ``strict_order``;
+- unordered: the earliest window start with the most distinct steps.
+
+Medians and p90 are ``quantileExactInclusive`` (linear interpolation, like
+``numpy.percentile``), in seconds.
 
 Exclusions ``{event_name, from_step, to_step}``: a person whose attempt reached
 ``from_step`` is excluded (from every step, and counted in ``excluded``) when the excluded
@@ -202,7 +210,7 @@ def _per_person_sql(
     matched = f"arrayFilter(i -> {flags}[i] = 1, range(1, {n + 1}))"
     if definition.order == "strict":
         matched = f"if(empty({matched}), [0], {matched})"
-    entries = f"arraySort(groupArrayArray(arrayMap(i -> (t, toUInt8(i)), {matched})))"
+    entries = f"arraySort(groupArrayArray(arrayMap(i -> (t, toUInt8(i)), {matched}))) AS entries"
     conds = ", ".join(f"s{i} = 1" for i in range(1, n + 1))
 
     if definition.order == "unordered":
@@ -213,14 +221,22 @@ def _per_person_sql(
             "arrayMap(e -> e.1, entries))"
         )
         chain = "arrayFirst(c -> length(c) = arrayMax(arrayMap(c -> length(c), cand)), cand)"
-        level_cols = f"{candidates} AS cand, {chain} AS chain, toUInt8(length(chain)) AS level, toUInt8(0) AS guard"
-    else:
-        mode = ", 'strict_order'" if definition.order == "strict" else ""
         level_cols = (
-            f"windowFunnel({definition.window_ms}{mode})(t, {conds}) AS wf_level, "
-            f"{_attempt_fold(n, strict=definition.order == 'strict')} AS fold, "
+            f"{entries}, {candidates} AS cand, {chain} AS chain, toUInt8(length(chain)) AS level, toUInt8(0) AS guard"
+        )
+    elif definition.order == "strict":
+        level_cols = (
+            f"{entries}, windowFunnel({definition.window_ms}, 'strict_order')(t, {conds}) AS wf_level, "
+            f"{_attempt_fold(n)} AS fold, "
             "arrayFilter(c -> notEmpty(c), fold.3) AS reached, "
             "if(empty(reached), CAST([] AS Array(UInt64)), reached[-1]) AS chain, "
+            "toUInt8(length(chain)) AS level, "
+            "throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"
+        )
+    else:
+        level_cols = (
+            f"windowFunnel({definition.window_ms})(t, {conds}) AS wf_level, "
+            f"{_greedy_attempts(n, definition.window_ms)}, "
             "toUInt8(length(chain)) AS level, "
             "throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"
         )
@@ -234,19 +250,50 @@ def _per_person_sql(
         )
     excluded = " OR ".join(excluded_terms) or "0"
     return (
-        f"SELECT person_id, {window} AS w, {entries} AS entries, {level_cols}, "
+        f"SELECT person_id, {window} AS w, {level_cols}, "
         f"argMinIf(bv, (t, bv), s1 = 1) AS breakdown_value{excl_arrays}, toUInt8({excluded}) AS excluded "
         f"FROM ({rows}) GROUP BY person_id"
     )
 
 
-def _attempt_fold(n: int, strict: bool) -> str:
-    """``arrayFold`` replaying windowFunnel over the sorted ``(t, step)`` entries.
+def _greedy_attempts(n: int, window_ms: int) -> str:
+    """Ordered funnels: for every step-1 event, the earliest chain of later steps within its window.
+
+    ``c{k}[i]`` is the time of step ``k`` in the attempt starting at the ``i``-th step-1 event
+    (0 when it never got there): the first step-``k`` event at or after step ``k - 1`` and
+    within ``start + window``. Taking the earliest next step is optimal for a fixed start, so
+    the best attempt's length equals ``windowFunnel``'s level (the guard checks it); the
+    attempt reported is the earliest start reaching that level. Column-wise array functions,
+    one per step, keep this fast (no per-event fold).
+    """
+    cols = [f"arraySort(groupArrayIf(t, s{k} = 1)) AS T{k}" for k in range(1, n + 1)]
+    # Most people stop at step 1: only their first start matters, so skip the per-start work.
+    cols.append("if(wf_level >= 2, T1, arraySlice(T1, 1, 1)) AS c1")
+    for k in range(2, n + 1):
+        cols.append(
+            f"arrayMap((s, p) -> if(p = 0, toUInt64(0), "
+            f"arrayFirst(x -> x >= p AND x <= s + {int(window_ms)}, T{k})), c1, c{k - 1}) AS c{k}"
+        )
+    args = ", ".join(f"c{k}" for k in range(2, n + 1))
+    lambda_args = ", ".join(f"v{k}" for k in range(2, n + 1))
+    reached = " + ".join(f"toUInt8(v{k} != 0)" for k in range(2, n + 1))
+    cols.append(f"arrayMap(({lambda_args}) -> toUInt8(1 + {reached}), {args}) AS levels")
+    cols.append("if(empty(levels), toUInt8(0), arrayMax(levels)) AS best")
+    cols.append("indexOf(levels, best) AS best_start")
+    steps = ", ".join(f"c{k}[best_start]" for k in range(1, n + 1))
+    cols.append(f"if(best = 0, CAST([] AS Array(UInt64)), arraySlice([{steps}], 1, best)) AS chain")
+    return ", ".join(cols)
+
+
+def _attempt_fold(n: int) -> str:
+    """Strict funnels: ``arrayFold`` replaying windowFunnel's ``strict_order`` over sorted ``(t, step)`` entries.
 
     Accumulator ``(stopped, seen_step_1, attempts)`` where ``attempts[k]`` holds the step
-    times of the latest attempt that reached step ``k``. Kept in SQL so ClickHouse does the
-    work per person and times come from the same attempt that gave the level.
+    times of the latest attempt that reached step ``k``; step 0 is any other event. Kept in
+    SQL so ClickHouse does the work per person and times come from the attempt that gave
+    the level.
     """
+    strict = True
     def set_slot(k: str, value: str) -> str:
         return f"arrayMap((c, j) -> if(j = {k}, {value}, c), acc.3, arrayEnumerate(acc.3))"
 

@@ -187,3 +187,18 @@ def test_random_paths_match_reference(ch_db, order):
     assert everyone.people == sorted(want["levels"])
     page = funnel_people(ch_db, definition, RANGE, step=1, filters=filters, limit=5, offset=5)
     assert page.people == sorted(want["levels"])[5:10] and page.total == len(want["levels"])
+
+
+def test_times_come_from_the_earliest_start_that_converts(ch_db):
+    t0 = at("2026-03-06 09:00:00")
+    s = timedelta(seconds=1)
+    events = [
+        # two step-1 events before the step 2: the attempt measured starts at the first one
+        Event("a", t0, user_id="p"), Event("a", t0 + 10 * s, user_id="p"), Event("b", t0 + 30 * s, user_id="p"),
+        # the first start is too old for the window: the second one converts
+        Event("a", t0, user_id="q"), Event("a", t0 + 50 * s, user_id="q"), Event("b", t0 + 70 * s, user_id="q"),
+    ]
+    definition = FunnelDefinition(name="times", steps=steps("a", "b"), window_seconds=60)
+    got, _ = check(ch_db, events, definition)
+    assert got.steps[1].count == 2
+    assert got.time_to_convert.mean == pytest.approx((30 + 20) / 2)
