@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,6 +88,41 @@ class Settings(BaseSettings):
     stream_app_id: str = Field("tidemark-streams", description="Faust app id (names its internal topics).")
     stream_web_port: int = Field(6066, description="Port of the stream worker's web endpoint (0 = none).")
     metrics_file: Path | None = Field(None, description="JSON/YAML file of extra metric definitions.")
+
+    # Anomaly detection (streams/anomaly/) and alert delivery (consumers/alerts/)
+    anomaly_detector: str = Field("seasonal_likelihood", description="Detector of every series (registry name).")
+    anomaly_detector_params: dict[str, Any] = Field(
+        default_factory=lambda: {"inner_params": {"slot_window": 24, "min_slot_obs": 3}},
+        description="Its parameters (JSON).",
+    )
+    anomaly_severity_thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"low": 4.0, "medium": 5.5, "high": 7.0, "critical": 9.0},
+        description="Minimum detector score per severity; 'low' is the firing threshold.",
+    )
+    anomaly_recovery_periods: int = Field(5, description="Normal periods in a row before an alert resolves.")
+    anomaly_resolve_ratio: float = Field(0.5, description="'Normal' means a score below this share of 'low'.")
+    alert_webhook_url: str | None = Field(None, description="Generic JSON webhook of on-call.")
+    alert_alertmanager_url: str | None = Field(None, description="Alertmanager-compatible webhook receiver.")
+    alert_pagerduty_url: str = Field("https://events.pagerduty.com/v2/enqueue", description="PagerDuty Events v2.")
+    alert_pagerduty_routing_key: str | None = Field(None, description="PagerDuty integration (routing) key.")
+    alert_slack_webhook_url: str | None = Field(None, description="Slack incoming webhook URL.")
+    alert_routes: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "low": ["webhook"],
+            "medium": ["webhook", "alertmanager", "slack"],
+            "high": ["webhook", "alertmanager", "slack"],
+            "critical": ["webhook", "alertmanager", "slack", "pagerduty"],
+        },
+        description="Channels per severity; channels without a URL/key are skipped.",
+    )
+    alert_max_attempts: int = Field(6, description="Delivery attempts per notification before dead-lettering.")
+    alert_backoff_seconds: float = Field(0.5, description="First retry delay; doubles each attempt.")
+    alert_backoff_max_seconds: float = Field(60.0, description="Longest retry delay (Retry-After is capped too).")
+    alert_timeout_seconds: float = Field(10.0, description="HTTP timeout of one delivery attempt.")
+    alert_quiet_hours: str | None = Field(None, description="Local 'HH:MM-HH:MM' when non-critical alerts wait.")
+    alert_quiet_timezone: str = Field("UTC", description="IANA timezone of the quiet hours.")
+    alert_quiet_mode: str = Field("defer", description="defer (send when quiet hours end) or suppress.")
+    alert_external_url: str = Field("http://127.0.0.1:8000", description="Link to Tidemark in alert payloads.")
 
     # Processes
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="Where local state (chDB, SQLite, logs) lives.")
