@@ -40,7 +40,7 @@ in p and p − 1; *resurrecting* = active in p, not in p − 1, first activity b
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -205,36 +205,39 @@ def compute_retention(
     start_cond = q.event_condition(definition.start_event.event_name, definition.start_event.filters + filters)
     return_cond = q.event_condition(definition.return_event.event_name, definition.return_event.filters + filters)
     people = q.in_cohort(cohort_id)
-    end_param = q.param(time_range.end, "DateTime64(3, 'UTC')")
-    in_range = f"timestamp < {end_param}"
+    t = "DateTime64(3, 'UTC')"
+    starts_local = period_starts(definition.period, settings, time_range.start, n)
+    end = q.param(time_range.end, t)
+    # The first period's start as an instant bounds the scan (whole periods count).
+    lower = q.param(starts_local[0].astimezone(UTC), t)
     idx = _period_index(q, definition.period, settings, time_range.start, "timestamp")
     n_param = q.param(n, "Int64")
+    in_periods = f"timestamp >= {lower} AND timestamp < {end} AND {idx} >= 0 AND {idx} < {n_param}"
     if definition.cohort_type == "first_time":
-        first_idx = _period_index(q, definition.period, settings, time_range.start, "min(timestamp)")
-        end = q.param(time_range.end, "DateTime64(3, 'UTC')")
-        starts = (
-            f"SELECT person_id, [{first_idx}] AS cohorts FROM events_resolved WHERE {start_cond} AND {people} "
-            f"GROUP BY person_id HAVING cohorts[1] >= 0 AND cohorts[1] < {n_param} AND min(timestamp) < {end}"
+        first = f"minIf(timestamp, {start_cond})"
+        first_idx = _period_index(q, definition.period, settings, time_range.start, first)
+        cohorts = (
+            f"if(countIf({start_cond}) > 0 AND {first} < {end} AND {first_idx} >= 0 AND {first_idx} < {n_param}, "
+            f"[{first_idx}], CAST([] AS Array(Int64)))"
         )
+        # The first start event may be older than the periods: read start events of all time.
+        where = f"({start_cond} OR ({return_cond} AND {in_periods}))"
     else:
-        starts = (
-            f"SELECT person_id, groupUniqArray({idx}) AS cohorts FROM events_resolved "
-            f"WHERE {start_cond} AND {in_range} AND {people} AND {idx} >= 0 AND {idx} < {n_param} GROUP BY person_id"
-        )
-    returns = (
-        f"SELECT person_id, groupUniqArray({idx}) AS back FROM events_resolved "
-        f"WHERE {return_cond} AND {in_range} AND {people} AND {idx} >= 1 AND {idx} < {n_param} GROUP BY person_id"
+        cohorts = f"arrayMap(x -> toInt64(x), groupUniqArrayIf({idx}, {start_cond} AND {in_periods}))"
+        where = f"({start_cond} OR {return_cond}) AND {in_periods}"
+    per_person = (
+        f"SELECT person_id, {cohorts} AS cohorts, "
+        f"groupUniqArrayIf({idx}, {return_cond} AND {in_periods} AND {idx} >= 1) AS back "
+        f"FROM events_resolved WHERE {where} AND {people} GROUP BY person_id HAVING notEmpty(cohorts)"
     )
     came_back = "has(back, c + k)" if definition.return_type == "on" else "arrayExists(r -> r >= c + k, back)"
     sql = (
-        f"SELECT c, k, count() FROM (SELECT s.person_id AS person_id, c, r.back AS back "
-        f"FROM ({starts}) AS s LEFT JOIN ({returns}) AS r ON r.person_id = s.person_id ARRAY JOIN s.cohorts AS c) "
+        f"SELECT c, k, count() FROM (SELECT c, back FROM ({per_person}) ARRAY JOIN cohorts AS c) "
         f"ARRAY JOIN range(toUInt64({n_param} - c)) AS k WHERE k = 0 OR {came_back} GROUP BY c, k"
     )
     counts = [[0] * (n - i) for i in range(n)]
-    for c, k, value in run(client, sql, q, {"join_use_nulls": 0}):
+    for c, k, value in run(client, sql, q):
         counts[int(c)][int(k)] = int(value)
-    starts_local = period_starts(definition.period, settings, time_range.start, n)
     observed = _observed(starts_local, time_range.end)
     cohorts: list[RetentionCohort] = []
     for i in range(observed):

@@ -115,3 +115,41 @@ def test_multi_variant_people_and_conversions_before_exposure(ch_db):
     assert (control.exposed, control.conversions) == (2, 0)
     assert (treatment.exposed, treatment.conversions) == (2, 1)
     assert treatment.metric_mean == pytest.approx(5.0)
+
+
+@pytest.mark.slow
+def test_demo_generator_experiments(ch_db):
+    """The demo platform's checkout_button has a real lift (found); its aa_test has none (not found)."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from tidemark.demo.traffic import TrafficConfig, generate_events
+
+    config = TrafficConfig(
+        start=datetime(2026, 3, 1, tzinfo=UTC), end=datetime(2026, 3, 11, tzinfo=UTC), seed=7, sessions_per_day=2000
+    )
+    generated = list(generate_events(config))
+    events = [
+        Event(
+            e.event_name,
+            e.timestamp,
+            user_id=e.user_id or "",
+            anonymous_id=e.anonymous_id or "",
+            properties=dict(e.properties),
+            context=dict(e.context),
+            event_id=str(uuid.UUID(str(e.id))),
+        )
+        for e in generated
+    ]
+    insert_events(ch_db, events)
+    time_range = TimeRange(start=config.start, end=config.end)
+    checkout = compute_experiment(ch_db, definition("checkout_button"), time_range)
+    aa = compute_experiment(ch_db, definition("aa_test"), time_range)
+    for got, key in ((checkout, "checkout_button"), (aa, "aa_test")):
+        want, multiple = experiment_reference(events, definition(key), config.start, config.end)
+        assert [(v.exposed, v.conversions) for v in got.variants] == [want[v.name][:2] for v in got.variants]
+        assert got.multiple_variant_people == multiple
+        assert not got.sample_ratio.mismatch
+    lift = checkout.variants[1].conversion_vs_control
+    assert lift.significant and lift.difference > 0 and lift.probability_to_beat_control > 0.95
+    assert not aa.variants[1].conversion_vs_control.significant
