@@ -91,8 +91,9 @@ class TrafficConfig:
     seasonality redistributes it over hours and days. ``initial_members`` and
     ``initial_projects`` default to the steady state of this volume, so the first day
     already looks like any other. Before ``history_until`` the volume is multiplied by
-    ``history_scale`` (a live demo's backfill can be lighter than its live traffic); the
-    mix of sessions and behaviour stay the same.
+    ``history_scale`` (a live demo's backfill can be lighter than its live traffic): the
+    mix of session kinds and what people do in a session stay the same, but the member
+    population is sized for the live volume, so members visit less often in the history.
     """
 
     start: datetime
