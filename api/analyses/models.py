@@ -26,7 +26,7 @@ class AnalysisSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     timezone: str = "UTC"
-    week_start: int = Field(1, description="1 = Monday, 7 = Sunday.")
+    week_start: int = Field(default=1, description="1 = Monday, 7 = Sunday.")
 
     @field_validator("timezone")
     @classmethod

@@ -216,17 +216,17 @@ def compute_retention(
     if definition.cohort_type == "first_time":
         first = f"minIf(timestamp, {start_cond})"
         first_idx = _period_index(q, definition.period, settings, time_range.start, first)
-        cohorts = (
+        cohort_expr = (
             f"if(countIf({start_cond}) > 0 AND {first} < {end} AND {first_idx} >= 0 AND {first_idx} < {n_param}, "
             f"[{first_idx}], CAST([] AS Array(Int64)))"
         )
         # The first start event may be older than the periods: read start events of all time.
         where = f"({start_cond} OR ({return_cond} AND {in_periods}))"
     else:
-        cohorts = f"arrayMap(x -> toInt64(x), groupUniqArrayIf({idx}, {start_cond} AND {in_periods}))"
+        cohort_expr = f"arrayMap(x -> toInt64(x), groupUniqArrayIf({idx}, {start_cond} AND {in_periods}))"
         where = f"({start_cond} OR {return_cond}) AND {in_periods}"
     per_person = (
-        f"SELECT person_id, {cohorts} AS cohorts, "
+        f"SELECT person_id, {cohort_expr} AS cohorts, "
         f"groupUniqArrayIf({idx}, {return_cond} AND {in_periods} AND {idx} >= 1) AS back "
         f"FROM events_resolved WHERE {where} AND {people} GROUP BY person_id HAVING notEmpty(cohorts)"
     )
