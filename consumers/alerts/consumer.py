@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 from confluent_kafka import Consumer, KafkaError, Message, Producer
+from prometheus_client import Counter
 
 from consumers.alerts.alertmanager import AlertmanagerChannel
 from consumers.alerts.book import OpenAlertBook
@@ -46,6 +47,11 @@ from tidemark.topics import ALERTS, ALERTS_DLQ, ANOMALIES
 log = logging.getLogger(__name__)
 
 GROUP = "alerts"
+
+DELIVERIES = Counter(
+    "tidemark_alert_deliveries", "Alert notifications by channel and outcome.", ["channel", "action", "outcome"]
+)
+ANOMALIES_HANDLED = Counter("tidemark_alert_anomalies_handled", "Anomaly messages handled and committed.")
 
 
 def channels_from_settings(settings: Settings) -> dict[str, Channel]:
@@ -201,6 +207,7 @@ class AlertConsumer:
         self._stop.wait(seconds)
 
     def _produce(self, delivery: AlertDelivery) -> None:
+        DELIVERIES.labels(delivery.channel, delivery.action.value, delivery.outcome.value).inc()
         failed = delivery.outcome == DeliveryOutcome.failed
         topic = self.settings.topic(ALERTS_DLQ.name if failed else ALERTS.name)
         self.producer.produce(
@@ -258,6 +265,7 @@ class AlertConsumer:
                 self.book.save()  # ... open alerts durable ...
                 consumer.commit(message=message, asynchronous=False)  # ... then the offset
                 self.handled += 1
+                ANOMALIES_HANDLED.inc()
         finally:
             consumer.close()
 

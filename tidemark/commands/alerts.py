@@ -6,7 +6,8 @@ severity (``TIDEMARK_ALERT_ROUTES``); channels are configured by
 ``TIDEMARK_ALERT_PAGERDUTY_ROUTING_KEY`` (+ ``TIDEMARK_ALERT_PAGERDUTY_URL``) and
 ``TIDEMARK_ALERT_SLACK_WEBHOOK_URL``. Quiet hours: ``TIDEMARK_ALERT_QUIET_HOURS=22:00-07:00``
 with ``TIDEMARK_ALERT_QUIET_TIMEZONE`` and ``TIDEMARK_ALERT_QUIET_MODE`` (defer | suppress).
-SIGTERM or SIGINT finishes the message in hand, commits and exits 0.
+Prometheus metrics (``tidemark_alert_*``) on ``--metrics-port``. SIGTERM or SIGINT finishes the
+message in hand, commits and exits 0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import logging
 import signal
 import threading
 from types import FrameType
+
+from prometheus_client import start_http_server
 
 from consumers.alerts.consumer import AlertConsumer, channels_from_settings
 from tidemark.settings import get_settings
@@ -28,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     """Add the ``alerts`` command."""
     parser = subparsers.add_parser("alerts", help="deliver anomaly alerts to on-call")
     parser.add_argument("--stop-timeout", type=float, default=30.0, help="seconds to finish and commit on stop")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
     parser.set_defaults(func=run)
 
 
@@ -43,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     ensure_topics(settings)
+    if args.metrics_port is not None:
+        start_http_server(args.metrics_port, addr=args.metrics_host)
+        log.info("Metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
     channels = channels_from_settings(settings)
     if not channels:
         log.warning("No alert channel configured: anomalies will be read and recorded, not delivered")
