@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 import threading
 import time
 from collections import defaultdict
@@ -28,6 +30,8 @@ from schemas.anomaly import (
     alert_delivery_codec,
     anomaly_codec,
 )
+from schemas.streams import MetricSnapshot
+from streams.anomaly.series import DetectorBank
 from tidemark.settings import Settings
 from tidemark.topics import ALERTS, ALERTS_DLQ, ANOMALIES
 
@@ -296,3 +300,42 @@ def test_alert_consumer_end_to_end_through_kafka(kafka_settings: Settings, recei
     finally:
         check.close()
     assert committed.offset == 5
+
+
+def test_detector_bank_findings_reach_on_call_and_resolve(receiver: Receiver) -> None:
+    """A revenue drop in an hourly series fires one webhook alert within a few windows, then resolves."""
+    rng = random.Random(7)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    drop_at, drop_hours = 24 * 25 + 11, 5
+    bank = DetectorBank()
+    settings = Settings(alert_webhook_url=receiver.url + "/hook", alert_routes={s.value: ["webhook"] for s in Severity})
+    with httpx.Client(timeout=5) as client:
+        dispatcher = AlertDispatcher(
+            channels_from_settings(settings),
+            router_from_settings(settings),
+            OpenAlertBook(),
+            RetryPolicy(3, 0.01, 0.05),
+            client,
+            lambda _: None,
+        )
+        fired_at: list[int] = []
+        for i in range(24 * 30):
+            t = start + timedelta(hours=i)
+            value = 500 + 300 * math.sin(2 * math.pi * (t.hour - 8) / 24) + rng.gauss(0, 20)
+            if drop_at <= i < drop_at + drop_hours:
+                value *= 0.2
+            snapshot = MetricSnapshot(
+                metric_type="gmv",
+                period="hour",
+                period_start=t,
+                period_end=t + timedelta(hours=1),
+                value=value,
+                computed_at=t,
+            )
+            for found in bank.process(snapshot):
+                if dispatcher.handle(found, t) == AlertAction.trigger:
+                    fired_at.append(i)
+    actions = [b["action"] for b in receiver.bodies("/hook")]
+    assert actions[0] == "trigger" and actions[-1] == "resolve"
+    assert actions.count("trigger") == 1 and actions.count("resolve") == 1
+    assert drop_at < fired_at[0] <= drop_at + 3  # judged when the next hour starts: bounded delay
