@@ -18,6 +18,7 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,7 +75,7 @@ def run_detector(
         scores = []
         started = time.perf_counter()
         for t, v in zip(stamps, values, strict=True):
-            x = {"value": v, "t": t}
+            x: dict[Hashable, object] = {"value": v, "t": t}
             scores.append(model.score_one(x))
             model.learn_one(x)
         elapsed += time.perf_counter() - started
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="folder in NAB layout")
     parser.add_argument("--detector", default=DEFAULT_DETECTOR)
     parser.add_argument("--params", default="{}", help="detector parameters as JSON")
-    parser.add_argument("--recovery", type=int, default=30, help="calm observations before an alert resolves")
+    parser.add_argument("--recovery", type=int, default=5, help="calm observations before an alert resolves")
     parser.add_argument("--resolve-ratio", type=float, default=0.5)
     args = parser.parse_args(argv)
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = candidate_thresholds(scored)
     files = [(f.labels, f.scores) for f in scored]
 
-    def detect(scores: list[float], threshold: float) -> list[int]:
+    def detect(scores: Sequence[float], threshold: float) -> list[int]:
         return firing_rows(scores, threshold, args.recovery, args.resolve_ratio)
 
     print(

@@ -19,8 +19,15 @@ class Notification:
 class Channel(Protocol):
     """An on-call destination that accepts JSON over HTTP POST."""
 
-    name: str
-    url: str
+    @property
+    def name(self) -> str:
+        """The channel's name in routes (``webhook``, ``pagerduty``, ...)."""
+        ...
+
+    @property
+    def url(self) -> str:
+        """Where the JSON is POSTed."""
+        ...
 
     def payload(self, notification: Notification) -> dict[str, Any]:
         """The JSON body this channel expects for ``notification``."""

@@ -251,9 +251,10 @@ class AlertConsumer:
                 message = consumer.poll(0.5)
                 if message is None:
                     continue
-                if message.error():
-                    if message.error().code() != KafkaError._PARTITION_EOF:
-                        log.error("Kafka error: %s", message.error())
+                error = message.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        log.error("Kafka error: %s", error)
                     continue
                 try:
                     anomaly = Anomaly.from_avro(anomaly_codec().decode(message.value() or b""))

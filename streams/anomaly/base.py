@@ -17,12 +17,13 @@ the rest of River, and are built by name from configuration (:mod:`streams.anoma
 from __future__ import annotations
 
 import abc
+from collections.abc import Hashable
 from datetime import datetime
 from typing import Any
 
 from river import base as river_base
 
-Observation = dict[str, Any]
+Observation = dict[Hashable, Any]  # River's feature dict: {"value": float, "t": datetime}
 
 
 class SeriesDetector(river_base.AnomalyDetector):

@@ -52,10 +52,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from schemas.anomaly import Anomaly, AnomalyStatus
+from schemas.anomaly import Anomaly, AnomalyStatus, Severity
 from schemas.models import now_millis
 from schemas.streams import dimensions_key
-from streams.anomaly.base import SeriesDetector
+from streams.anomaly.base import Observation, SeriesDetector
 from streams.anomaly.lifecycle import AlertLifecycle
 from streams.anomaly.registry import BUSINESS_PARAMS, DEFAULT_DETECTOR, build_detector
 from streams.anomaly.severity import DEFAULT_THRESHOLDS, SeverityScale, describe
@@ -122,6 +122,18 @@ def series_key(metric_type: str, period: str, dimensions: Mapping[str, str]) -> 
     'gmv|day|country=FR'
     """
     return f"{metric_type}|{period}|{dimensions_key(dict(dimensions))}"
+
+
+def anomaly_messages(anomalies: list[Anomaly]) -> list[tuple[bytes, bytes]]:
+    """Kafka (key, value) pairs for the ``anomalies`` topic: keyed by series, Avro single-object encoded.
+
+    >>> anomaly_messages([])
+    []
+    """
+    from schemas.anomaly import anomaly_codec
+
+    codec = anomaly_codec()
+    return [(a.series_key.encode(), codec.encode(a.to_avro())) for a in anomalies]
 
 
 def _millis(value: datetime) -> int:
@@ -209,7 +221,7 @@ class DetectorBank:
         watch.pending = None
         period_start = datetime.fromtimestamp(start_ms / 1000, tz=UTC)
         period_end = datetime.fromtimestamp(end_ms / 1000, tz=UTC)
-        x = {"value": value, "t": period_start}
+        x: Observation = {"value": value, "t": period_start}
         score = watch.detector.score_one(x)
         expected = watch.detector.expected_one(x)
         watch.detector.learn_one(x)
@@ -221,7 +233,7 @@ class DetectorBank:
         expected = float(snapshot.value) if expected is None else float(expected)
         actual = float(snapshot.value)
         if transition == "fire":
-            severity = self.scale.classify(score) or min(self.scale.thresholds, key=self.scale.thresholds.get)
+            severity = self.scale.classify(score) or Severity.low
             watch.episode = Anomaly(
                 metric_type=snapshot.metric_type,
                 period=snapshot.period,
@@ -243,12 +255,12 @@ class DetectorBank:
         if episode is None:  # state restored without its episode: nothing to update or resolve
             return []
         if transition == "update":
-            severity = self.scale.classify(score)
-            if severity is None or severity.rank <= episode.severity.rank:
+            escalated = self.scale.classify(score)
+            if escalated is None or escalated.rank <= episode.severity.rank:
                 return []  # still abnormal, not worse: on-call already knows
             watch.episode = episode.model_copy(
                 update={
-                    "severity": severity,
+                    "severity": escalated,
                     "expected": expected,
                     "actual": actual,
                     "deviation": actual - expected,

@@ -14,6 +14,8 @@ Field lists and enums below are written from the published documentation:
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -221,3 +223,11 @@ def test_retry_policy_backs_off_exponentially_and_honours_retry_after() -> None:
     assert policy.delay(1, 100.0) == 3.0
     assert retry_after_seconds("0") == 0.0
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", datetime(2015, 10, 21, 7, 29, tzinfo=UTC)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "name", ["consumers.alerts.delivery", "consumers.alerts.routing", "consumers.alerts.alertmanager"]
+)
+def test_docstring_examples_run(name: str) -> None:
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0

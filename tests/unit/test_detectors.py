@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from schemas.anomaly import AnomalyStatus, anomaly_codec
+from schemas.anomaly import Anomaly, AnomalyStatus, anomaly_codec
 from schemas.streams import MetricSnapshot
 from streams.anomaly.registry import DETECTORS, build_detector
 from streams.anomaly.seasonal import SeasonalRobustZ, season_slot
-from streams.anomaly.series import BankConfig, DetectorBank
+from streams.anomaly.series import BankConfig, DetectorBank, anomaly_messages
 
 MODULES = [
     "streams.anomaly.base",
@@ -145,7 +145,9 @@ def test_bank_fires_once_per_incident_then_resolves() -> None:
     assert episode.actual < episode.expected and episode.deviation == pytest.approx(episode.actual - episode.expected)
     assert START + timedelta(hours=drop_at) <= episode.window_start <= START + timedelta(hours=drop_at + 2)
     assert "signups (hour)" in episode.description
-    assert str(anomaly_codec().decode(anomaly_codec().encode(episode.to_avro()))["id"]) == str(episode.id)
+    ((key, value),) = anomaly_messages([episode])
+    assert key == b"signups|hour|"
+    assert Anomaly.from_avro(anomaly_codec().decode(value)) == episode
 
 
 def test_clean_series_never_fires() -> None:
