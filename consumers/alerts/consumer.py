@@ -239,6 +239,9 @@ class AlertConsumer:
                 "group.id": self.settings.group(GROUP),
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                # One message may take several retries with backoff across channels: allow it
+                # without the group thinking this consumer died.
+                "max.poll.interval.ms": 900_000,
             }
         )
         consumer.subscribe([self.settings.topic(ANOMALIES.name)])
