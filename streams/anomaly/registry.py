@@ -7,11 +7,11 @@ every series without a code change. New detectors register a factory with
 
 The default, ``seasonal_likelihood``, is the anomaly likelihood of the seasonal robust
 z-score with the settings chosen on the NAB corpus (see ``bench/anomaly_nab.py``); it beat
-the Holt-Winters forecast residual there (NAB standard 64.7 against 36.9; 39.8 for the
-likelihood of the Holt-Winters residual). NAB's series are
+the Holt-Winters forecast residual there (NAB standard 64.7 against at best 36.9, and
+39.8 for the likelihood of the Holt-Winters residual). NAB's series are
 sampled every few minutes and trust a season slot after 8 values; hourly business series
 would need 8 weeks for that, so the series bank's default (:data:`BUSINESS_PARAMS`) trusts
-the hour-of-week slot after 3 weeks (NAB standard 52.3 with that setting, recovery 30).
+the hour-of-week slot after 3 weeks (NAB standard 54.0 with that setting).
 
 >>> build_detector("seasonal_robust_z", {"warm_up": 10}).warm_up
 10
