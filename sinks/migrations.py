@@ -227,6 +227,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE cohort_members REMOVE TTL",
         ),
     ),
+    Migration(
+        5,
+        "events with the session the stream put them in",
+        (
+            # Producers cannot know the session an event ends up in; the stream decides it. A
+            # device's sessions tile its timeline, so an event belongs to the device's latest
+            # session started at or before it: an ASOF join on (device, time) against sessions.
+            """
+            CREATE VIEW IF NOT EXISTS events_sessionized AS
+            SELECT e.*, s.session_id AS stream_session_id
+            FROM (
+                SELECT *, if(anonymous_id != '', anonymous_id, user_id) AS device_id FROM events_resolved
+            ) AS e
+            ASOF LEFT JOIN (
+                SELECT session_id, device_id, started_at FROM sessions FINAL
+            ) AS s ON e.device_id = s.device_id AND e.timestamp >= s.started_at
+            """,
+        ),
+    ),
 )
 
 
