@@ -213,26 +213,44 @@ def compute_retention(
     idx = _period_index(q, definition.period, settings, time_range.start, "timestamp")
     n_param = q.param(n, "Int64")
     in_periods = f"timestamp >= {lower} AND timestamp < {end} AND {idx} >= 0 AND {idx} < {n_param}"
+    # Up to 64 periods, a person's periods are bits of one UInt64 (cheaper than arrays per person).
+    bits = n <= 64
+
+    def period_set(cond: str) -> str:
+        if bits:
+            return f"groupBitOrIf(bitShiftLeft(toUInt64(1), toUInt8({idx})), {cond})"
+        return f"arrayMap(x -> toInt64(x), groupUniqArrayIf({idx}, {cond}))"
+
     if definition.cohort_type == "first_time":
         first = f"minIf(timestamp, {start_cond})"
         first_idx = _period_index(q, definition.period, settings, time_range.start, first)
+        only = f"bitShiftLeft(toUInt64(1), toUInt8({first_idx}))" if bits else f"[{first_idx}]"
+        none = "toUInt64(0)" if bits else "CAST([] AS Array(Int64))"
         cohort_expr = (
             f"if(countIf({start_cond}) > 0 AND {first} < {end} AND {first_idx} >= 0 AND {first_idx} < {n_param}, "
-            f"[{first_idx}], CAST([] AS Array(Int64)))"
+            f"{only}, {none})"
         )
         # The first start event may be older than the periods: read start events of all time.
         where = f"({start_cond} OR ({return_cond} AND {in_periods}))"
     else:
-        cohort_expr = f"arrayMap(x -> toInt64(x), groupUniqArrayIf({idx}, {start_cond} AND {in_periods}))"
+        cohort_expr = period_set(f"{start_cond} AND {in_periods}")
         where = f"({start_cond} OR {return_cond}) AND {in_periods}"
+    any_cohort = "cohorts != 0" if bits else "notEmpty(cohorts)"
     per_person = (
         f"SELECT person_id, {cohort_expr} AS cohorts, "
-        f"groupUniqArrayIf({idx}, {return_cond} AND {in_periods} AND {idx} >= 1) AS back "
-        f"FROM events_resolved WHERE {where} AND {people} GROUP BY person_id HAVING notEmpty(cohorts)"
+        f"{period_set(f'{return_cond} AND {in_periods} AND {idx} >= 1')} AS back "
+        f"FROM events_resolved WHERE {where} AND {people} GROUP BY person_id HAVING {any_cohort}"
     )
-    came_back = "has(back, c + k)" if definition.return_type == "on" else "arrayExists(r -> r >= c + k, back)"
+    if bits:
+        came_back = (
+            "bitTest(back, c + k)" if definition.return_type == "on" else "bitShiftRight(back, c + k) != 0"
+        )
+        cohort_list = "arrayMap(x -> toInt64(x), bitPositionsToArray(cohorts))"
+    else:
+        came_back = "has(back, c + k)" if definition.return_type == "on" else "arrayExists(r -> r >= c + k, back)"
+        cohort_list = "cohorts"
     sql = (
-        f"SELECT c, k, count() FROM (SELECT c, back FROM ({per_person}) ARRAY JOIN cohorts AS c) "
+        f"SELECT c, k, count() FROM (SELECT c, back FROM ({per_person}) ARRAY JOIN {cohort_list} AS c) "
         f"ARRAY JOIN range(toUInt64({n_param} - c)) AS k WHERE k = 0 OR {came_back} GROUP BY c, k"
     )
     counts = [[0] * (n - i) for i in range(n)]

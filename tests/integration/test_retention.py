@@ -206,3 +206,17 @@ def test_lifecycle_stitched_person_is_one_person(ch_db):
     assert [(p.new, p.returning, p.resurrecting, p.dormant) for p in life.periods] == [
         (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 0, 1)
     ]
+
+
+@pytest.mark.parametrize(("periods", "return_type"), [(64, "on"), (70, "on"), (70, "on_or_after")])
+def test_many_periods_bitmask_and_array_paths(ch_db, periods, return_type):
+    """Up to 64 periods a person's periods are bits; beyond, arrays. Both agree with the reference."""
+    rng = random.Random(periods)
+    start = local("2026-01-01 00:00", "Europe/Berlin")
+    events = random_events(rng, start, timedelta(days=75), people=40)
+    definition = RetentionDefinition(
+        start_event=EventSpec(event_name="signup"), period="day", periods=periods, cohort_type="recurring",
+        return_type=return_type,
+    )
+    settings = AnalysisSettings(timezone="Europe/Berlin")
+    check_retention(ch_db, events, definition, start, start + timedelta(days=80), settings)
