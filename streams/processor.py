@@ -91,12 +91,16 @@ class PartitionProcessor:
         self.events_applied += 1
         return True
 
-    def flush(self) -> FlushResult:
-        """Close idle sessions, fold changed sessions into session metrics, publish changed windows."""
+    def flush(self, now: float | None = None) -> FlushResult:
+        """Close idle sessions, fold changed sessions into session metrics, publish changed windows.
+
+        ``now`` (monotonic seconds) lets long periods be published less often (see
+        :meth:`WindowedMetrics.flush`).
+        """
         expired = self.sessions.expire(self.metrics.watermark)
         sessions = self.sessions.take_dirty()
         self.metrics.add_sessions(sessions)
-        partials = self.metrics.flush(self.sessions.oldest_open_start())
+        partials = self.metrics.flush(self.sessions.oldest_open_start(), now)
         return FlushResult(sessions=sessions, partials=partials, expired_sessions=expired)
 
     @property

@@ -93,6 +93,9 @@ class WindowedMetrics:
         self.windows: dict[WindowKey, Any] = {}
         self.dirty: set[WindowKey] = set()
         self.late_events: Counter[str] = Counter()
+        # Seconds between publications of a changed window, per period (empty: every flush).
+        self.publish_every: dict[Period, float] = {}
+        self._published_at: dict[Period, float] = {}
         self._event_aggs: dict[str, list[MetricAggregator]] = {}
         self._any_aggs = [
             a for a in self.aggregators.values() if a.source is Source.events and a.event_names is None
@@ -239,13 +242,17 @@ class WindowedMetrics:
                 dirty.add(wkey)
         self.pending = {}
 
-    def flush(self, oldest_open_session: int | None = None) -> list[MetricPartial]:
-        """Merge pending minutes into their windows, publish changed windows, close finished ones."""
+    def flush(self, oldest_open_session: int | None = None, now: float | None = None) -> list[MetricPartial]:
+        """Merge pending minutes into their windows, publish changed windows, close finished ones.
+
+        With ``now`` (seconds, monotonic) and ``publish_every`` set, a changed window of a
+        long period is published at most every ``publish_every[period]`` seconds (a day
+        window touched by every event need not be re-sent every second); a window that
+        closes is always published. Without ``now`` every changed window is published.
+        """
         self._merge_pending()
         windows, dirty, bounds = self.windows, self.dirty, self.calendar.bounds
-        partials = [self._partial(wkey) for wkey in dirty]
-        dirty.clear()
-        closed = [
+        closed = {
             wkey
             for wkey in windows
             if bounds(wkey[3], wkey[4])[1] + self.grace_ms <= self.watermark
@@ -254,9 +261,25 @@ class WindowedMetrics:
                 or oldest_open_session is None
                 or oldest_open_session >= bounds(wkey[3], wkey[4])[1]
             )
-        ]
+        }
+        if now is None or not self.publish_every:
+            due = dirty
+        else:
+            periods_due = {
+                period for period, every in self.publish_every.items()
+                if now - self._published_at.get(period, -1e18) >= every
+            }
+            for period in periods_due:
+                self._published_at[period] = now
+            due = {w for w in dirty if w[3] in periods_due or w in closed or w[3] not in self.publish_every}
+        partials = [self._partial(wkey) for wkey in due]
+        if due is dirty:
+            dirty.clear()
+        else:
+            dirty.difference_update(due)
         for wkey in closed:
             del windows[wkey]
+            dirty.discard(wkey)
         if closed:
             log.debug("Partition %d closed %d windows at watermark %d", self.partition, len(closed), self.watermark)
         return partials
@@ -339,8 +362,14 @@ class SnapshotMerger:
     value with a fragment. (Stage one closes a window ``grace`` after its end, far less.)
     """
 
-    def __init__(self, aggregators: Mapping[str, MetricAggregator], evict_after: timedelta = timedelta(days=2)):
+    def __init__(
+        self,
+        aggregators: Mapping[str, MetricAggregator],
+        evict_after: timedelta = timedelta(days=2),
+        source_partitions: int | None = None,
+    ) -> None:
         self.aggregators = dict(aggregators)
+        self.source_partitions = source_partitions
         self.evict_after_ms = int(evict_after.total_seconds() * 1000)
         self.parts: dict[WindowKey, dict[int, Any]] = {}
         self.ends: dict[WindowKey, int] = {}
@@ -350,7 +379,12 @@ class SnapshotMerger:
 
     @property
     def watermark(self) -> int:
-        """The slowest source partition's watermark: no window ending later can be complete yet."""
+        """The slowest source partition's watermark: no window ending later can be complete yet.
+
+        With ``source_partitions`` known, a partition not heard from yet holds it at 0.
+        """
+        if self.source_partitions is not None and len(self.partition_watermarks) < self.source_partitions:
+            return 0
         return min(self.partition_watermarks.values(), default=0)
 
     def add(self, partial: MetricPartial) -> MetricValue | None:

@@ -1,0 +1,1 @@
+"""The Faust agents: ``events`` (sessions + per-partition metric windows) and ``metrics`` (snapshots)."""

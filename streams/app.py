@@ -1,0 +1,199 @@
+"""The Faust app: the stream worker's topics, tables and agents.
+
+Processing guarantee, and why
+-----------------------------
+Faust's ``exactly_once`` mode rides on Kafka transactions; in faust-streaming it has
+known bugs (stalls and lost commits around rebalances) and by default wants three
+brokers for the transaction log. We run ``at_least_once`` and make redelivery harmless
+instead, where it is cheap to do so:
+
+- every output is a full value under a key, never a delta: a session version
+  (``sessions``: ReplacingMergeTree(version) keyed by session id), a partition's partial
+  of a window (``metrics.partials``: the merger keeps the latest per partition) and a
+  snapshot (``metrics``: ReplacingMergeTree(computed_at) keyed by metric, period, period
+  start and dimensions). Re-publishing one replaces it with the same value;
+- the only state that adds up (counts, sums, distinct sets, sessions) is checkpointed
+  together with the offset it reflects, in one message, and events are acknowledged only
+  up to the checkpoint (:mod:`streams.agents.events`). A restarted partition skips what
+  its checkpoint already holds, so nothing is counted twice.
+
+Scaling: the unit of parallelism is a partition of ``events.raw`` (keyed by device, so a
+device's sessions stay on one worker). Start more workers with the same app id and
+Faust's consumer group spreads partitions and their checkpoints over them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from schemas.codec import SchemaError
+from schemas.streams import metric_partial_codec
+from streams.agents.events import EventsAgent
+from streams.agents.metrics import MetricsAgent
+from streams.aggregators import compile_catalogue
+from streams.catalogue import get_catalogue
+from tidemark.settings import Settings
+from tidemark.topics import DAY_MS, EVENTS_RAW, METRICS, SESSIONS, TopicSpec, ensure_topics
+
+log = logging.getLogger(__name__)
+
+PARTIALS_TOPIC = "metrics.partials"
+PARTIALS_PARTITIONS = 6
+
+
+def faust_brokers(bootstrap: str) -> list[str]:
+    """Faust's broker URLs (``kafka://host:port``) for a Kafka bootstrap list."""
+    return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+
+
+def replication_factor(settings: Settings) -> int:
+    """1 on a cluster smaller than three brokers (the local single broker), else 3."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    return 1 if len(admin.list_topics(timeout=30).brokers) < 3 else 3
+
+
+def ensure_stream_topics(settings: Settings) -> None:
+    """Create the worker's internal topics before Faust subscribes.
+
+    Faust creates them itself too, but a topic it creates while joining the group may be
+    missing from the first metadata it reads, and it then stays unassigned until the
+    next rebalance.
+    """
+    app_id = settings.stream_app_id
+    compacted = "compact"
+    ensure_topics(
+        settings,
+        (
+            TopicSpec(PARTIALS_TOPIC, PARTIALS_PARTITIONS, retention_ms=DAY_MS),
+            TopicSpec(f"{app_id}-partition-checkpoints-changelog", EVENTS_RAW.partitions, -1, compacted),
+            TopicSpec(f"{app_id}-merged-windows-changelog", PARTIALS_PARTITIONS, -1, compacted),
+        ),
+    )
+
+
+def create_app(settings: Settings) -> faust.App:
+    """The Faust app of the stream worker, with both agents, the flush timer and the tables."""
+    app_id = f"{settings.topic_prefix}{settings.stream_app_id}"
+    datadir = settings.state_dir / "faust" / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        app_id,
+        broker=faust_brokers(settings.kafka_bootstrap),
+        processing_guarantee="at_least_once",
+        topic_replication_factor=replication_factor(settings),
+        topic_partitions=EVENTS_RAW.partitions,
+        store="memory://",
+        datadir=str(datadir),
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=settings.stream_commit_seconds,
+        web_enabled=settings.stream_web_port > 0,
+        web_port=settings.stream_web_port or 6066,
+        web_bind="127.0.0.1",
+        table_cleanup_interval=3600.0,
+        producer_acks=-1,
+    )
+    catalogue = get_catalogue(settings.metrics_file)
+    aggregators = compile_catalogue(catalogue)
+
+    raw = app.topic(settings.topic(EVENTS_RAW.name), key_type=bytes, value_type=bytes,
+                    key_serializer="raw", value_serializer="raw")
+    partials = app.topic(
+        settings.topic(PARTIALS_TOPIC), key_type=bytes, value_type=bytes, key_serializer="raw",
+        value_serializer="raw", partitions=PARTIALS_PARTITIONS, internal=True,
+    )
+    # One checkpoint per events.raw partition (key = partition number); co-partitioned with it.
+    # (bytes values are stored raw; int/str keys as JSON.)
+    checkpoints = app.Table("partition-checkpoints", partitions=EVENTS_RAW.partitions,
+                            key_type=int, value_type=bytes)
+    merged = app.Table("merged-windows", partitions=PARTIALS_PARTITIONS, key_type=str, value_type=bytes)
+
+    def save_checkpoint(partition: int, blob: bytes) -> None:
+        checkpoints.data[partition] = blob
+        checkpoints.send_changelog(partition, partition, blob)
+
+    def ack(message: Any) -> None:
+        message.ack(app.consumer)
+
+    # Outputs go through librdkafka (Faust's own producer path manages a few thousand
+    # messages a second); each agent flushes it before acknowledging what it consumed.
+    producer = Producer({
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "enable.idempotence": True,
+        "linger.ms": 20,
+        "queue.buffering.max.messages": 1_000_000,
+    })
+
+    def publisher(topic_name: str) -> Any:
+        def publish(key: bytes, value: bytes) -> None:
+            while True:
+                try:
+                    producer.produce(topic_name, key=key, value=value)
+                    return
+                except BufferError:  # local queue full: let deliveries drain
+                    producer.poll(0.05)
+
+        return publish
+
+    def outputs_durable() -> None:
+        if producer.flush(60) != 0:
+            raise RuntimeError("outputs were not delivered within 60 s; not acknowledging")
+
+    events_agent = EventsAgent(
+        settings,
+        aggregators,
+        publish_session=publisher(settings.topic(SESSIONS.name)),
+        publish_partial=publisher(settings.topic(PARTIALS_TOPIC)),
+        save_checkpoint=save_checkpoint,
+        load_checkpoint=lambda partition: checkpoints.data.get(partition),
+        ack=ack,
+        outputs_durable=outputs_durable,
+    )
+    metrics_agent = MetricsAgent(
+        aggregators,
+        publish_snapshot=publisher(settings.topic(METRICS.name)),
+        store=merged,
+        source_partitions=EVENTS_RAW.partitions,
+    )
+    partial_codec = metric_partial_codec()
+
+    @app.agent(raw, name="events")
+    async def process_events(stream: faust.StreamT) -> None:
+        async for event in stream.noack().events():
+            message = event.message
+            events_agent.on_message(message.partition, message.offset, message.value, message)
+
+    @app.agent(partials, name="metrics")
+    async def merge_partials(stream: faust.StreamT) -> None:
+        async for event in stream.noack().events():
+            message = event.message
+            metrics_agent.unacked.append(message)
+            try:
+                record = partial_codec.decode(message.value)
+            except SchemaError as exc:
+                log.warning("Skipping undecodable partial: %s", exc)
+                continue
+            metrics_agent.on_partial(message.key.decode(), record)
+
+    @app.timer(settings.stream_flush_seconds)
+    async def flush() -> None:
+        events_agent.flush_all()
+        # Snapshots are durable before the partials they came from are acknowledged.
+        if metrics_agent.unacked:
+            outputs_durable()
+            for message in metrics_agent.unacked:
+                ack(message)
+            metrics_agent.unacked.clear()
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
+        raw_name = settings.topic(EVENTS_RAW.name)
+        events_agent.forget({tp.partition for tp in revoked if tp.topic == raw_name})
+
+    app.tidemark_events_agent = events_agent  # type: ignore[attr-defined]
+    app.tidemark_metrics_agent = metrics_agent  # type: ignore[attr-defined]
+    return app
