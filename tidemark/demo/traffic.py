@@ -81,6 +81,12 @@ MEMBER_SESSION_SHARE = 0.45
 RETURNING_VISITOR_SHARE = 0.15
 REFERRED_SHARE_OF_NEW = 0.10
 MEMBER_MEAN_LIFETIME_DAYS = 60.0
+LOAN_REPAY_SHARE = 0.9
+LOAN_REPAY_MIN_DAYS = 7
+LOAN_REPAY_MAX_DAYS = 45
+# Measured loans disbursed per session with the default behaviour; sizes the loans
+# already outstanding at the start.
+LOANS_DISBURSED_PER_SESSION = 0.019
 
 
 @dataclass(frozen=True)
@@ -394,7 +400,25 @@ class TrafficSimulator:
             creator = self._existing_member()
             created = self.start_ms - self.rng.randint(0, (PROJECT_LIFETIME_DAYS - 2) * DAY_MS)
             project = self._new_project(creator, self.rng.choice(creator.communities), created)
-            project.raised = round(project.goal * self.rng.uniform(0.0, 0.6), 2)
+            # Older projects have raised more, as they would have in the steady state.
+            progress = (self.start_ms - created) / (PROJECT_LIFETIME_DAYS * DAY_MS) * self.rng.uniform(0.2, 1.6)
+            project.raised = round(project.goal * min(0.95, progress), 2)
+        # Loans disbursed before the range are still being repaid in it, so repayments do not
+        # ramp up from zero during the first weeks.
+        outstanding = self.config.sessions_per_day * LOANS_DISBURSED_PER_SESSION * LOAN_REPAY_MAX_DAYS
+        for _ in range(round(outstanding)):
+            disbursed = self.start_ms - self.rng.randint(0, LOAN_REPAY_MAX_DAYS * DAY_MS)
+            repaid = disbursed + self.rng.randint(LOAN_REPAY_MIN_DAYS * DAY_MS, LOAN_REPAY_MAX_DAYS * DAY_MS)
+            if repaid < self.start_ms or self.rng.random() >= LOAN_REPAY_SHARE:
+                continue
+            member = self._existing_member()
+            loan = {
+                "loan_id": self.short_id("loan"),
+                "community": member.communities[0],
+                "amount": self.pick(self.loan_table),
+            }
+            self.push_event(repaid, "loan_repaid", member.user_id, None, loan, dict(SERVER_CONTEXT))
+            member.loan_busy_until = repaid
 
     def _existing_member(self) -> _Member:
         """A member who signed up before the simulated range (no signup event of theirs is in it)."""
@@ -779,8 +803,8 @@ class TrafficSimulator:
             return
         disbursed = session.t + rng.randint(2 * HOUR_MS, 48 * HOUR_MS)
         self.push_event(disbursed, "loan_disbursed", member.user_id, None, dict(loan), dict(SERVER_CONTEXT))
-        if rng.random() < 0.9:
-            repaid = disbursed + rng.randint(7 * DAY_MS, 45 * DAY_MS)
+        if rng.random() < LOAN_REPAY_SHARE:
+            repaid = disbursed + rng.randint(LOAN_REPAY_MIN_DAYS * DAY_MS, LOAN_REPAY_MAX_DAYS * DAY_MS)
             self.push_event(repaid, "loan_repaid", member.user_id, None, dict(loan), dict(SERVER_CONTEXT))
             member.loan_busy_until = repaid
 
