@@ -4,7 +4,8 @@ What the anomaly agent calls::
 
     from streams.anomaly.series import BankConfig, DetectorBank, anomaly_messages, series_key
 
-    bank = DetectorBank.from_settings(settings)            # detector, severities, recovery from settings
+    bank = DetectorBank.from_settings(settings, is_additive)  # detector, severities, recovery from settings;
+    # is_additive(metric_type) -> True for counts/sums: their silent periods are judged as zeros
     # or, after a restart: DetectorBank.from_bytes(saved, BankConfig.from_settings(settings))
 
     for snapshot in metric_snapshots:                       # schemas.streams.MetricSnapshot, grouped by

@@ -14,7 +14,9 @@ The stream processors re-publish a period's snapshot as it fills up, so a period
 judged once, when it is *complete*: when a snapshot of a later period of the same series
 arrives, or when :meth:`DetectorBank.close_due` is called after the period's end plus the
 stream's grace (call it on a timer, so that a series whose events stopped altogether is
-still judged). Until then the latest value replaces the earlier ones. Snapshots of a
+still judged). Until then the latest value replaces the earlier ones. For counts and sums
+(``is_additive``), periods without any snapshot are judged as zeros, so a collapse to
+nothing is seen too. Snapshots of a
 period already judged (a replay after a restart, a late correction) are ignored, so
 replays neither double-learn nor re-page. The whole bank's state -- detectors, pending
 values, open episodes, the last period judged per series -- serialises to JSON bytes
@@ -47,7 +49,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -63,6 +65,8 @@ from streams.anomaly.severity import DEFAULT_THRESHOLDS, SeverityScale, describe
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+MAX_GAP_FILL = 1000  # periods filled with zeros at most, per gap
+MAX_FILL_STEP_MS = 8 * 24 * 3600 * 1000  # months vary in length: only fixed-length periods are filled
 RESOLVED_BY_DETECTOR = "detector"
 
 
@@ -111,6 +115,7 @@ class SeriesWatch:
     detector: SeriesDetector
     lifecycle: AlertLifecycle
     last_period_ms: int | None = None
+    last_end_ms: int | None = None
     pending: tuple[int, int, float] | None = None  # (period start ms, period end ms, latest value)
     episode: Anomaly | None = None
 
@@ -162,16 +167,21 @@ def _dimensions_from_key(key: str) -> dict[str, str]:
 class DetectorBank:
     """Per-series detectors fed one metric snapshot at a time."""
 
-    def __init__(self, config: BankConfig | None = None) -> None:
+    def __init__(self, config: BankConfig | None = None, is_additive: Callable[[str], bool] | None = None) -> None:
         self.config = config or BankConfig()
+        # Counts and sums are 0 in a period without events, and the stream then publishes no
+        # snapshot at all: for those metrics, missing periods are judged as zeros (a revenue
+        # collapse must not go silent). Ratios and averages are undefined there: not filled.
+        self.is_additive = is_additive or (lambda _metric: False)
         self.scale = SeverityScale(self.config.severity_thresholds)
         build_detector(self.config.detector, self.config.params)  # a bad configuration fails now, not per series
         self._series: dict[str, SeriesWatch] = {}
 
     @classmethod
-    def from_settings(cls, settings: Any) -> DetectorBank:
-        """A bank configured from :class:`tidemark.settings.Settings`."""
-        return cls(BankConfig.from_settings(settings))
+    def from_settings(cls, settings: Any, is_additive: Callable[[str], bool] | None = None) -> DetectorBank:
+        """A bank configured from :class:`tidemark.settings.Settings`; ``is_additive`` says which metrics
+        are counts or sums (zero when no snapshot came), e.g. from the metric catalogue's aggregations."""
+        return cls(BankConfig.from_settings(settings), is_additive)
 
     def __len__(self) -> int:
         return len(self._series)
@@ -201,6 +211,7 @@ class DetectorBank:
                 return []  # older than the period being filled: late, ignored
             if start_ms > watch.pending[0]:
                 found = self._judge(watch, snapshot)
+                found += self._fill_gap(watch, snapshot, start_ms)
         watch.pending = (start_ms, _millis(snapshot.period_end), float(snapshot.value))
         return found
 
@@ -209,9 +220,28 @@ class DetectorBank:
         limit = _millis(now) - int(grace_seconds * 1000)
         found: list[Anomaly] = []
         for key, watch in self._series.items():
+            metric_type, period, _ = key.split("|", 2)
+            series = _Held(metric_type, period, _dimensions_from_key(key))
             if watch.pending is not None and watch.pending[1] <= limit:
-                metric_type, period, _ = key.split("|", 2)
-                found.extend(self._judge(watch, _Held(metric_type, period, _dimensions_from_key(key))))
+                found.extend(self._judge(watch, series))
+            if watch.pending is None:
+                found.extend(self._fill_gap(watch, series, limit))
+        return found
+
+    def _fill_gap(self, watch: SeriesWatch, series: Any, until_ms: int) -> list[Anomaly]:
+        """Judge zeros for the whole periods between the last judged one and ``until_ms`` (additive metrics)."""
+        if watch.last_end_ms is None or watch.last_period_ms is None or not self.is_additive(series.metric_type):
+            return []
+        step = watch.last_end_ms - watch.last_period_ms
+        if not 0 < step <= MAX_FILL_STEP_MS:
+            return []
+        missing = (until_ms - watch.last_end_ms) // step
+        found: list[Anomaly] = []
+        first = watch.last_end_ms + max(0, missing - MAX_GAP_FILL) * step
+        for k in range(min(missing, MAX_GAP_FILL)):
+            start = first + k * step
+            watch.pending = (start, start + step, 0.0)
+            found.extend(self._judge(watch, series))
         return found
 
     def _judge(self, watch: SeriesWatch, series: Any) -> list[Anomaly]:
@@ -226,6 +256,7 @@ class DetectorBank:
         expected = watch.detector.expected_one(x)
         watch.detector.learn_one(x)
         watch.last_period_ms = start_ms
+        watch.last_end_ms = end_ms
         snapshot = _Held(series.metric_type, series.period, dict(series.dimensions), period_start, period_end, value)
         transition = watch.lifecycle.step(score)
         if transition is None:
@@ -292,6 +323,7 @@ class DetectorBank:
             "open": watch.lifecycle.is_open,
             "calm": watch.lifecycle.calm_streak,
             "last": watch.last_period_ms,
+            "last_end": watch.last_end_ms,
             "pending": list(watch.pending) if watch.pending else None,
             "episode": watch.episode.model_dump(mode="json", by_alias=True) if watch.episode else None,
         }
@@ -302,6 +334,7 @@ class DetectorBank:
         watch.lifecycle.is_open = bool(state["open"])
         watch.lifecycle.calm_streak = int(state["calm"])
         watch.last_period_ms = state["last"]
+        watch.last_end_ms = state.get("last_end")
         pending = state.get("pending")
         watch.pending = (int(pending[0]), int(pending[1]), float(pending[2])) if pending else None
         watch.episode = Anomaly.model_validate(state["episode"]) if state.get("episode") else None
@@ -335,9 +368,11 @@ class DetectorBank:
         ).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes, config: BankConfig | None = None) -> DetectorBank:
+    def from_bytes(
+        cls, data: bytes, config: BankConfig | None = None, is_additive: Callable[[str], bool] | None = None
+    ) -> DetectorBank:
         """A bank restored from :meth:`to_bytes`; starts fresh if the detector configuration changed."""
-        bank = cls(config)
+        bank = cls(config, is_additive)
         state = json.loads(data)
         if state.get("format") != STATE_FORMAT or state.get("identity") != bank.config.identity:
             log.warning(

@@ -215,3 +215,44 @@ def test_close_due_judges_a_series_that_went_silent() -> None:
     assert watch.pending is not None
     bank.close_due(only.period_end + timedelta(seconds=61), grace_seconds=60)
     assert watch.pending is None and watch.detector.n_seen == 1
+
+
+def test_silent_periods_of_additive_metrics_count_as_zeros() -> None:
+    """Revenue collapses to nothing: no snapshot is published, yet the series fires (counts and sums only)."""
+    rng = random.Random(6)
+    values = [business_day(i, rng) for i in range(24 * 24 + 14)]
+    silent_from = len(values)
+    history = snapshots(values, metric="gmv") + snapshots(values, metric="conversion_rate")
+
+    def run(is_additive: bool) -> tuple[list[Anomaly], DetectorBank]:
+        bank = DetectorBank(is_additive=lambda metric: is_additive and metric == "gmv")
+        found = [a for s in history for a in bank.process(s)]
+        # Nothing arrives for 4 hours; the timer closes the periods once their grace has passed.
+        now = START + timedelta(hours=silent_from + 4, minutes=5)
+        found += bank.close_due(now, grace_seconds=300)
+        return found, bank
+
+    found, bank = run(True)
+    fired = [a for a in found if a.status == AnomalyStatus.open]
+    assert [a.metric_type for a in fired] == ["gmv"]
+    assert fired[0].actual == 0.0 and fired[0].expected > 50
+    gmv = bank._series["gmv|hour|"]
+    # The last real hour and the four silent ones (the fourth ended exactly a grace ago) are judged.
+    assert gmv.last_period_ms is not None
+    assert datetime.fromtimestamp(gmv.last_period_ms / 1000, tz=UTC) == START + timedelta(hours=silent_from + 3)
+    assert gmv.detector.n_seen == silent_from + 4
+    assert bank.close_due(START + timedelta(hours=silent_from + 4, minutes=59), grace_seconds=300) == []
+    assert gmv.detector.n_seen == silent_from + 4  # the fifth silent hour is still within its grace
+    ratio = bank._series["conversion_rate|hour|"]
+    assert ratio.detector.n_seen == silent_from  # a ratio is undefined without events: not filled
+
+    found, _ = run(False)
+    assert [a for a in found if a.status == AnomalyStatus.open] == []
+
+    # A snapshot after a gap also fills the gap with zeros (additive metrics).
+    bank = DetectorBank(BankConfig(detector="seasonal_robust_z", params={"warm_up": 0}), is_additive=lambda m: True)
+    first, *_, last = snapshots([10.0, 11.0, 12.0, 13.0])
+    bank.process(first)
+    bank.process(last)
+    watch = bank._series["signups|hour|"]
+    assert watch.detector.n_seen == 3 and list(watch.detector._recent) == [10.0, 0.0, 0.0]
