@@ -231,3 +231,10 @@ def test_retry_policy_backs_off_exponentially_and_honours_retry_after() -> None:
 def test_docstring_examples_run(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_alerts_command_is_registered() -> None:
+    from tidemark.cli import build_parser
+
+    args = build_parser().parse_args(["alerts", "--metrics-port", "9102"])
+    assert args.command == "alerts" and args.metrics_port == 9102 and callable(args.func)
