@@ -127,6 +127,7 @@ class WindowedMetrics:
         on_time = minute + MINUTE_MS + self.grace_ms > self.watermark
         values = {d: as_text(read(event)) for d, read in self._dim_readers.items()}
         pending = self.pending
+        late_periods: set[str] = set()
         for agg in self._aggs_for(event.event_name):
             observation = agg.observe(event)
             if observation is SKIP:
@@ -144,14 +145,18 @@ class WindowedMetrics:
                         acc = pending[pkey] = agg.new()
                     acc.add(observation)
             else:
-                self._add_late(agg, keys, ts, observation)
+                self._add_late(agg, keys, ts, observation, late_periods)
+        for period in late_periods:  # an event is late once per period, however many metrics it feeds
+            self.late_events[period] += 1
 
-    def _add_late(self, agg: MetricAggregator, keys: list[tuple[str, str]], ts: int, observation: Any) -> None:
+    def _add_late(
+        self, agg: MetricAggregator, keys: list[tuple[str, str]], ts: int, observation: Any, late: set[str]
+    ) -> None:
         # Slow path: the event's minute is closed; count it in the longer periods still open.
         for period in agg.periods:
             start, end = self.calendar.bounds(period, ts)
             if end + self.grace_ms <= self.watermark:
-                self.late_events[period.value] += 1
+                late.add(period.value)
                 continue
             for dim, value in keys:
                 wkey = (agg.name, dim, value, period, start)
