@@ -189,7 +189,7 @@ class AlertConsumer:
         self.client = httpx.Client(timeout=settings.alert_timeout_seconds)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
+        self.producer: Producer | None = None  # lives while run() does
         self.dispatcher = AlertDispatcher(
             channels_from_settings(settings),
             router_from_settings(settings),
@@ -210,6 +210,7 @@ class AlertConsumer:
         DELIVERIES.labels(delivery.channel, delivery.action.value, delivery.outcome.value).inc()
         failed = delivery.outcome == DeliveryOutcome.failed
         topic = self.settings.topic(ALERTS_DLQ.name if failed else ALERTS.name)
+        assert self.producer is not None, "outcomes are produced only while running"
         self.producer.produce(
             topic, key=delivery.dedup_key.encode(), value=alert_delivery_codec().encode(delivery.to_avro())
         )
@@ -227,12 +228,14 @@ class AlertConsumer:
         )
 
     def _flush(self) -> None:
+        assert self.producer is not None
         remaining = self.producer.flush(30.0)
         if remaining:
             raise RuntimeError(f"{remaining} alert outcome records not acknowledged by Kafka")
 
     def run(self) -> None:
         """Consume until :meth:`stop`."""
+        self.producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap, "enable.idempotence": True})
         consumer = Consumer(
             {
                 "bootstrap.servers": self.settings.kafka_bootstrap,
@@ -272,6 +275,8 @@ class AlertConsumer:
                 ANOMALIES_HANDLED.inc()
         finally:
             consumer.close()
+            self.producer.flush(10.0)
+            self.producer = None  # released with its connections, not left to the garbage collector
 
     def start(self) -> None:
         """Run in a background thread."""
