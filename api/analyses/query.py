@@ -110,7 +110,7 @@ class SQLBuilder:
 
     >>> q = SQLBuilder()
     >>> q.event_condition("signup", [PropertyFilter(key="method", value="email")])
-    "(event_name = {p0:String} AND JSONExtractString(properties, {p1:String}) = {p2:String})"
+    '(event_name = {p0:String} AND JSONExtractString(properties, {p1:String}) = {p2:String})'
     >>> q.parameters
     {'p0': 'signup', 'p1': 'method', 'p2': 'email'}
     """
