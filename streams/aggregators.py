@@ -355,6 +355,14 @@ class MetricAggregator:
         self._value_readers = {name: field_reader(path) for name, path in value_fields.items()}
         self._distinct_reader = field_reader(definition.distinct) if agg is Aggregation.distinct else None
 
+    def observation_signature(self) -> tuple[Any, ...]:
+        """Equal for metrics that observe every event identically (their accumulators can be shared)."""
+        d = self.definition
+        if d.aggregation is Aggregation.ratio:
+            return ("ratio", d.numerator, d.denominator)
+        value = tuple(sorted(d.value_fields().items()))
+        return (d.aggregation.value, d.source.value, tuple(sorted(d.events)), d.where, value, d.distinct)
+
     def matches(self, event: StreamEvent) -> bool:
         """Whether ``event`` passes the event-name filter and every condition."""
         if self.event_names is not None and event.event_name not in self.event_names:

@@ -153,6 +153,7 @@ class PartitionProcessor:
             (n, d, v, Period(p), int(t)): decode_state(s) for n, d, v, p, t, s in document["windows"] if n in known
         }
         m.dirty = {(n, d, v, Period(p), int(t)) for n, d, v, p, t in document["dirty"] if n in known}
+        m.ends = {w: m.calendar.bounds(w[3], w[4])[1] for w in m.windows}
         self.sessions.late_events = document["session_late"]
         self.sessions.open = {s["device_id"]: SessionWindow(**s) for s in document["open_sessions"]}
         self.sessions.dirty = {s["session_id"]: SessionWindow(**s) for s in document["dirty_sessions"]}

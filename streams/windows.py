@@ -96,27 +96,34 @@ class WindowedMetrics:
         # Seconds between publications of a changed window, per period (empty: every flush).
         self.publish_every: dict[Period, float] = {}
         self._published_at: dict[Period, float] = {}
-        self._event_aggs: dict[str, list[MetricAggregator]] = {}
-        self._any_aggs = [
-            a for a in self.aggregators.values() if a.source is Source.events and a.event_names is None
-        ]
+        self.ends: dict[WindowKey, int] = {}
+        self._event_groups: dict[str, list[_SharedObservation]] = {}
+        self._groups = _share_observations(a for a in self.aggregators.values() if a.source is Source.events)
         self._session_aggs = [a for a in self.aggregators.values() if a.source is Source.sessions]
-        self._stitched = [a.name for a in self.aggregators.values() if a.stitched]
+        self._session_aggs_names = {a.name for a in self._session_aggs}
+        self._stitched = {a.name for a in self.aggregators.values() if a.stitched}
+        self._new_links: dict[str, tuple[str, int]] = {}
         used = {d for a in self.aggregators.values() if a.source is Source.events for d in a.dimensions}
         from streams.catalogue import DIMENSIONS
 
         self._dim_readers = {d: field_reader(DIMENSIONS[d]) for d in sorted(used)}
 
-    def _aggs_for(self, event_name: str) -> list[MetricAggregator]:
-        aggs = self._event_aggs.get(event_name)
-        if aggs is None:
-            aggs = [
-                a
-                for a in self.aggregators.values()
-                if a.source is Source.events and a.event_names is not None and event_name in a.event_names
-            ] + self._any_aggs
-            self._event_aggs[event_name] = aggs
-        return aggs
+    def _groups_for(self, event_name: str) -> list[_SharedObservation]:
+        groups = self._event_groups.get(event_name)
+        if groups is None:
+            groups = [
+                g for g in self._groups.values()
+                if g.agg.event_names is None or event_name in g.agg.event_names
+            ]
+            self._event_groups[event_name] = groups
+        return groups
+
+    def _window(self, wkey: WindowKey, agg: MetricAggregator) -> Any:
+        acc = self.windows.get(wkey)
+        if acc is None:
+            acc = self.windows[wkey] = agg.new()
+            self.ends[wkey] = self.calendar.bounds(wkey[3], wkey[4])[1]
+        return acc
 
     def add(self, event: StreamEvent) -> None:
         """Fold one event (``event.person`` already resolved) into its windows."""
@@ -128,24 +135,28 @@ class WindowedMetrics:
         values = {d: as_text(read(event)) for d, read in self._dim_readers.items()}
         pending = self.pending
         late_periods: set[str] = set()
-        for agg in self._aggs_for(event.event_name):
+        for group in self._groups_for(event.event_name):
+            agg = group.agg
             observation = agg.observe(event)
             if observation is SKIP:
                 continue
             keys = [("", "")]
-            for dim in agg.dimensions:
+            for dim in group.dimensions:
                 value = values[dim]
                 if value:
                     keys.append((dim, value))
             if on_time:
+                gid = group.id
                 for dim, value in keys:
-                    pkey = (agg.name, dim, value, minute)
+                    pkey = (gid, dim, value, minute)
                     acc = pending.get(pkey)
                     if acc is None:
                         acc = pending[pkey] = agg.new()
                     acc.add(observation)
             else:
-                self._add_late(agg, keys, ts, observation, late_periods)
+                for member in group.members:
+                    member_keys = [k for k in keys if not k[0] or k[0] in member.dimensions]
+                    self._add_late(member, member_keys, ts, observation, late_periods)
         for period in late_periods:  # an event is late once per period, however many metrics it feeds
             self.late_events[period] += 1
 
@@ -160,10 +171,7 @@ class WindowedMetrics:
                 continue
             for dim, value in keys:
                 wkey = (agg.name, dim, value, period, start)
-                acc = self.windows.get(wkey)
-                if acc is None:
-                    acc = self.windows[wkey] = agg.new()
-                acc.add(observation)
+                self._window(wkey, agg).add(observation)
                 self.dirty.add(wkey)
 
     def open_session(self, session: SessionWindow) -> None:
@@ -187,7 +195,7 @@ class WindowedMetrics:
                     if end + self.grace_ms <= self.watermark:
                         self.late_events[f"session_{period.value}"] += 1
                         continue
-                    self.windows[wkey] = agg.new()
+                    self._window(wkey, agg)
 
     def add_sessions(self, sessions: Iterable[SessionWindow]) -> None:
         """Fold session updates into the session metrics' windows (by the session's start)."""
@@ -214,34 +222,54 @@ class WindowedMetrics:
     def rename_person(self, old: str, new: str, ts: int) -> None:
         """Identity stitching, learned from an event at ``ts``: ``old`` is ``new`` in every window still open.
 
-        "Open" is judged on event time (``end + grace`` after the watermark), not on when the
-        last flush happened, so the outcome does not depend on flush timing. Windows closed
+        "Open" is judged on event time (``end + grace`` after the watermark when the link
+        was learned), not on when the last flush happened, so the outcome does not depend on
+        flush timing. The renaming itself waits for the next flush, which does it for all the
+        links learned since in one pass (a set intersection per window). Windows closed
         before the link was learned keep counting ``old``; the batch recompute attributes them.
         """
         if not self._stitched:
             return
         if ts > self.watermark:
             self.watermark = ts
-        self._merge_pending()
-        stitched = set(self._stitched)
-        horizon = self.watermark - self.grace_ms
-        bounds = self.calendar.bounds
+        self._new_links.setdefault(old, (new, self.watermark))
+
+    def _apply_links(self) -> None:
+        links = self._new_links
+        if not links:
+            return
+        olds = links.keys()
+        grace = self.grace_ms
         for wkey, acc in self.windows.items():
-            if wkey[0] in stitched and bounds(wkey[3], wkey[4])[1] > horizon:
-                acc.rename(old, new)
-                self.dirty.add(wkey)
+            if wkey[0] not in self._stitched:
+                continue
+            end = self.ends[wkey]
+            for counter in _person_counters(acc):
+                if counter.keys is None:
+                    continue
+                keys = counter.keys
+                hits = (olds & keys) if len(keys) > len(links) else [k for k in keys if k in links]
+                for old in hits:
+                    new, learned_at = links[old]
+                    if end + grace > learned_at:
+                        counter.rename(old, new)
+                        self.dirty.add(wkey)
+        self._new_links = {}
 
     def _merge_pending(self) -> None:
-        windows, dirty, bounds = self.windows, self.dirty, self.calendar.bounds
-        for (name, dim, value, minute), acc in self.pending.items():
-            periods = self.aggregators[name].periods
-            last = len(periods) - 1
-            for i, period in enumerate(periods):
-                wkey = (name, dim, value, period, bounds(period, minute)[0])
+        windows, dirty, bounds, ends = self.windows, self.dirty, self.calendar.bounds, self.ends
+        groups = self._groups
+        for (gid, dim, value, minute), acc in self.pending.items():
+            targets = groups[gid].targets(dim)
+            last = len(targets) - 1
+            for i, (member, period) in enumerate(targets):
+                start, end = bounds(period, minute)
+                wkey = (member.name, dim, value, period, start)
                 target = windows.get(wkey)
                 if target is None:
-                    # The last period may take the pending accumulator itself: nothing reads it after.
+                    # The last target may take the pending accumulator itself: nothing reads it after.
                     windows[wkey] = acc if i == last else acc.partial()
+                    ends[wkey] = end
                 else:
                     target.merge(acc)
                 dirty.add(wkey)
@@ -256,16 +284,15 @@ class WindowedMetrics:
         closes is always published. Without ``now`` every changed window is published.
         """
         self._merge_pending()
-        windows, dirty, bounds = self.windows, self.dirty, self.calendar.bounds
+        self._apply_links()
+        windows, dirty = self.windows, self.dirty
+        horizon = self.watermark - self.grace_ms
+        sessions = self._session_aggs_names
         closed = {
             wkey
-            for wkey in windows
-            if bounds(wkey[3], wkey[4])[1] + self.grace_ms <= self.watermark
-            and (
-                self.aggregators[wkey[0]].source is Source.events
-                or oldest_open_session is None
-                or oldest_open_session >= bounds(wkey[3], wkey[4])[1]
-            )
+            for wkey, end in self.ends.items()
+            if end <= horizon
+            and (wkey[0] not in sessions or oldest_open_session is None or oldest_open_session >= end)
         }
         if now is None or not self.publish_every:
             due = dirty
@@ -284,6 +311,7 @@ class WindowedMetrics:
             dirty.difference_update(due)
         for wkey in closed:
             del windows[wkey]
+            del self.ends[wkey]
             dirty.discard(wkey)
         if closed:
             log.debug("Partition %d closed %d windows at watermark %d", self.partition, len(closed), self.watermark)
@@ -321,6 +349,7 @@ class WindowedMetrics:
         self.windows = state["windows"]
         self.dirty = state["dirty"]
         self.late_events = Counter(state["late"])
+        self.ends = {w: self.calendar.bounds(w[3], w[4])[1] for w in self.windows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,3 +451,44 @@ class SnapshotMerger:
             del self.parts[key]
             del self.ends[key]
         return len(old)
+
+
+def _person_counters(acc: Any) -> list[Any]:
+    """The distinct counters inside an accumulator that identity stitching may rename."""
+    from streams.aggregators import DistinctAccumulator, RatioAccumulator
+
+    if isinstance(acc, DistinctAccumulator):
+        return [acc.counter]
+    if isinstance(acc, RatioAccumulator):
+        return [p.counter for p in (acc.num, acc.den) if isinstance(p, DistinctAccumulator)]
+    return []
+
+
+class _SharedObservation:
+    """Metrics that observe events identically (dau, wau, mau, active_users): one pending accumulator each
+    minute serves all of them; they differ only in their periods and dimensions."""
+
+    def __init__(self, members: list[MetricAggregator]) -> None:
+        self.agg = members[0]
+        self.id = members[0].name
+        self.members = members
+        self.dimensions = tuple(sorted({d for m in members for d in m.dimensions}))
+        self._targets: dict[str, list[tuple[MetricAggregator, Period]]] = {}
+
+    def targets(self, dimension: str) -> list[tuple[MetricAggregator, Period]]:
+        """(metric, period) windows a pending accumulator of ``dimension`` ('' = total) merges into."""
+        found = self._targets.get(dimension)
+        if found is None:
+            found = [
+                (m, p) for m in self.members if not dimension or dimension in m.dimensions for p in m.periods
+            ]
+            self._targets[dimension] = found
+        return found
+
+
+def _share_observations(aggregators: Iterable[MetricAggregator]) -> dict[str, _SharedObservation]:
+    groups: dict[Any, list[MetricAggregator]] = {}
+    for agg in aggregators:
+        groups.setdefault(agg.observation_signature(), []).append(agg)
+    shared = [_SharedObservation(members) for members in groups.values()]
+    return {g.id: g for g in shared}
