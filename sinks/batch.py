@@ -241,8 +241,9 @@ class BatchSink:
             "auto.offset.reset": "earliest",
             "session.timeout.ms": self.settings.sink_session_timeout_ms,
             "client.id": f"tidemark-{self.name}",
-            # Keep more in the local queue so a fast consume never waits on a fetch.
+            # Fetch in large chunks and keep a deep local queue so consume never waits on a fetch.
             "queued.min.messages": 100_000,
+            "max.partition.fetch.bytes": 4 * 1024 * 1024,
         }
 
     def _run(self) -> None:
