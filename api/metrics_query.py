@@ -416,7 +416,8 @@ def bucket_starts(window: TimeWindow, granularity: Granularity, week_start: int)
             day = _add_months(day, 1)
 
 
-def _bucket_end(start: datetime, granularity: Granularity, zone: ZoneInfo) -> datetime:
+def bucket_end(start: datetime, granularity: Granularity, zone: ZoneInfo) -> datetime:
+    """The end (exclusive) of the bucket starting at ``start``."""
     if granularity is Granularity.hour:
         return start + timedelta(hours=1)
     day = start.astimezone(zone).date()
@@ -686,7 +687,7 @@ class MetricsEngine:
         self, metric: CatalogueMetric, granularity: Granularity, window: TimeWindow, starts: list[datetime]
     ) -> dict[datetime, float]:
         """Snapshot values of the buckets that lie wholly inside the window."""
-        inside = [s for s in starts if s >= window.start and _bucket_end(s, granularity, window.zone) <= window.end]
+        inside = [s for s in starts if s >= window.start and bucket_end(s, granularity, window.zone) <= window.end]
         if not inside:
             return {}
         sql = ParameterisedSQL()
@@ -710,7 +711,7 @@ class MetricsEngine:
     ) -> dict[datetime, float]:
         # Only the span of the missing buckets is scanned (clipped to the window).
         first = max(window.start, buckets[0])
-        last = min(window.end, _bucket_end(buckets[-1], query.granularity, window.zone))
+        last = min(window.end, bucket_end(buckets[-1], query.granularity, window.zone))
         plan = _plan(metric, self.catalogue, TimeWindow(first, last, window.zone), query.filters)
         bucket = _bucket_expr(query.granularity, plan.sql, window.zone.key, self.week_start)
         rows = self._query(
