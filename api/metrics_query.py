@@ -208,6 +208,12 @@ class MetricQuery(BaseModel):
     top_n: int = Field(5, ge=1, le=50, description="Breakdown: this many largest values, the rest as Other.")
     compare: Comparison | None = None
     timezone: str | None = Field(None, description="IANA timezone; default: the reporting timezone setting.")
+    whole_buckets: bool = Field(
+        False, description="Widen the range to whole buckets (a weekly chart then shows whole weeks)."
+    )
+    include_total: bool = Field(
+        True, description="Compute range totals of non-additive metrics (people, averages, ratios): one more query."
+    )
 
     @field_validator("breakdown")
     @classmethod
@@ -239,7 +245,7 @@ class Series(BaseModel):
 
     name: str
     points: list[Point]
-    total: float
+    total: float | None = Field(description="The metric over the whole range (null when not asked for).")
 
 
 class ComparisonResult(BaseModel):
@@ -622,16 +628,19 @@ class MetricsEngine:
         zone = ZoneInfo(query.timezone or self.timezone)
         now = now or datetime.now(UTC)
         window = resolve_window(query, zone, now)
+        if query.whole_buckets:
+            starts = bucket_starts(window, query.granularity, self.week_start)
+            window = TimeWindow(starts[0], bucket_end(starts[-1], query.granularity, zone), zone)
         series, source = self._series(metric, query, window)
         comparison = None
         if query.compare is not None:
             previous = comparison_window(window, query.compare)
             previous_series, _ = self._series(metric, query, previous)
             totals = {s.name: s.total for s in previous_series}
-            change = {
-                s.name: (None if not totals.get(s.name) else (s.total - totals[s.name]) / totals[s.name])
-                for s in series
-            }
+            change: dict[str, float | None] = {}
+            for s in series:
+                before = totals.get(s.name)
+                change[s.name] = None if not before or s.total is None else (s.total - before) / before
             comparison = ComparisonResult(
                 kind=query.compare, start=previous.start, end=previous.end, series=previous_series, change=change
             )
@@ -671,7 +680,7 @@ class MetricsEngine:
         missing = [s for s in starts if s not in values]
         if missing:
             values.update(self._raw_values(metric, query, window, missing))
-        total = self._range_total(metric, query, window, values)
+        total = self._range_total(metric, query, window, values) if metric.additive or query.include_total else None
         points = [Point(t=s.astimezone(window.zone), value=values.get(s, 0.0)) for s in starts]
         source = "raw" if not from_snapshots else ("snapshots" if not missing else "mixed")
         return [Series(name=metric.name, points=points, total=total)], source

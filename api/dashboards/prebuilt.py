@@ -32,11 +32,22 @@ CARD_COST_FIXED = 0.20
 
 RETENTION_SQL = """
 WITH weekly AS (
-    SELECT person_id,
-           toDate(timestamp, {tz:String})
-             - ((toDayOfWeek(toDate(timestamp, {tz:String})) + 7 - {week_start:UInt8}) % 7) AS w
-    FROM events_resolved
-    WHERE timestamp >= {start:DateTime64(3, 'UTC')} - INTERVAL 14 DAY AND timestamp < {end:DateTime64(3, 'UTC')}
+    -- people as events_resolved stitches them; identity links read only for this range's anonymous ids
+    SELECT multiIf(e.user_id != '', e.user_id, i.user_id != '', i.user_id, e.anonymous_id) AS person_id,
+           toDate(e.timestamp, {tz:String})
+             - ((toDayOfWeek(toDate(e.timestamp, {tz:String})) + 7 - {week_start:UInt8}) % 7) AS w
+    FROM (
+        SELECT user_id, anonymous_id, timestamp FROM events FINAL
+        WHERE timestamp >= {start:DateTime64(3, 'UTC')} - INTERVAL 14 DAY AND timestamp < {end:DateTime64(3, 'UTC')}
+    ) AS e
+    LEFT JOIN (
+        SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities
+        WHERE anonymous_id IN (
+            SELECT anonymous_id FROM events
+            WHERE user_id = '' AND timestamp >= {start:DateTime64(3, 'UTC')} - INTERVAL 14 DAY
+              AND timestamp < {end:DateTime64(3, 'UTC')})
+        GROUP BY anonymous_id
+    ) AS i ON i.anonymous_id = e.anonymous_id
     GROUP BY person_id, w
 )
 SELECT toDateTime(week, {tz:String}) AS t,

@@ -144,6 +144,7 @@ def _metric(
         previous = ctx.engine.total(metric.name, previous_window, filters)
         change = None if previous == 0 else (value - previous) / previous
         return WidgetData(kind="value", unit=metric.unit, value=value, previous_value=previous, change=change, **common)
+    categorical = widget_type in (WidgetType.pie, WidgetType.geo_map, WidgetType.table) and bool(source.breakdown)
     query = base.model_copy(
         update={
             "granularity": granularity,
@@ -151,10 +152,14 @@ def _metric(
             "breakdown": source.breakdown,
             "top_n": source.top_n,
             "compare": source.compare,
+            # Charts over time show whole buckets and need no extra range-total query.
+            "whole_buckets": not categorical,
+            "include_total": categorical,
         }
     )
     result = ctx.engine.run(metric.name, query, now=now)
-    if widget_type in (WidgetType.pie, WidgetType.geo_map, WidgetType.table) and source.breakdown:
+    common["start"], common["end"] = result.start, result.end
+    if categorical:
         # Categorical charts: one row per breakdown value with its range total.
         rows: list[list[Any]] = [[s.name, s.total] for s in result.series]
         return WidgetData(
@@ -174,12 +179,20 @@ def _metrics(
 ) -> WidgetData:
     granularity = source.granularity or base.granularity
     common["granularity"] = granularity
-    query = base.model_copy(update={"granularity": granularity, "filters": list(base.filters) + list(source.filters)})
+    query = base.model_copy(
+        update={
+            "granularity": granularity,
+            "filters": list(base.filters) + list(source.filters),
+            "whole_buckets": True,
+            "include_total": False,
+        }
+    )
     labels = source.labels or source.metrics
     series: list[Series] = []
     unit = None
     for name, label in zip(source.metrics, labels, strict=False):
         result = ctx.engine.run(name, query, now=now)
+        common["start"], common["end"] = result.start, result.end
         unit = unit or result.unit
         series.extend(s.model_copy(update={"name": label}) for s in result.series)
     return WidgetData(kind="series", unit=unit, series=series, **common)

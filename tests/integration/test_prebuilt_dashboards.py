@@ -226,10 +226,24 @@ def api(ch_db: Client, tmp_path: Path, demo_dataset: list[Row]) -> Iterator[tupl
     close(app)
 
 
+def _whole_buckets(granularity: str) -> tuple[datetime, datetime]:
+    """WINDOW widened to whole buckets, as charts over time show it (only months differ: WINDOW is whole weeks)."""
+    if granularity != "month":
+        return WINDOW
+    first = WINDOW[0].replace(day=1)
+    last = (WINDOW[1] - timedelta(microseconds=1)).replace(day=1)
+    following = datetime(last.year + last.month // 12, last.month % 12 + 1, 1, tzinfo=UTC)
+    return first, following
+
+
 def _check_widget(widget: dict[str, Any], data: dict[str, Any], events: list[Row]) -> None:
     source = widget["data_source"]
-    rows = _within(events, WINDOW)
     title = widget["title"]
+    rows = _within(events, WINDOW)
+    if data["kind"] == "series" and source["kind"] in ("metric", "metrics"):
+        window = _whole_buckets(data["granularity"])
+        assert (datetime.fromisoformat(data["start"]), datetime.fromisoformat(data["end"])) == window, title
+        rows = _within(events, window)
     if source["kind"] == "metrics":
         assert [s["name"] for s in data["series"]] == source["labels"]
         for series, metric in zip(data["series"], source["metrics"], strict=True):
