@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 class Aggregation(StrEnum):
     """How a metric folds the events it selects into one number."""
 
-    count = "count"
+    count = "count"  # type: ignore[assignment]  # (shadows str.count, harmlessly)
     sum = "sum"
     avg = "avg"
     distinct_users = "distinct_users"
@@ -668,7 +668,9 @@ class MetricsEngine:
     def _query(self, text: str, sql: ParameterisedSQL) -> list[tuple[Any, ...]]:
         return list(self.client.query(text, parameters=sql.parameters).result_rows)
 
-    def _series(self, metric: CatalogueMetric, query: MetricQuery, window: TimeWindow) -> tuple[list[Series], str]:
+    def _series(
+        self, metric: CatalogueMetric, query: MetricQuery, window: TimeWindow
+    ) -> tuple[list[Series], Literal["snapshots", "raw", "mixed"]]:
         starts = bucket_starts(window, query.granularity, self.week_start)
         if query.breakdown is not None:
             return self._breakdown(metric, query, window, starts), "raw"
@@ -682,7 +684,9 @@ class MetricsEngine:
             values.update(self._raw_values(metric, query, window, missing))
         total = self._range_total(metric, query, window, values) if metric.additive or query.include_total else None
         points = [Point(t=s.astimezone(window.zone), value=values.get(s, 0.0)) for s in starts]
-        source = "raw" if not from_snapshots else ("snapshots" if not missing else "mixed")
+        source: Literal["snapshots", "raw", "mixed"] = (
+            "raw" if not from_snapshots else ("snapshots" if not missing else "mixed")
+        )
         return [Series(name=metric.name, points=points, total=total)], source
 
     def _range_total(

@@ -10,7 +10,7 @@ Editing also needs the analyst role or above.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
@@ -60,7 +60,7 @@ def load_editable(session: Session, dashboard_id: int, principal: Principal | No
     return dashboard
 
 
-def visible_query(principal: Principal) -> Select[tuple[Dashboard]]:
+def visible_query(principal: Principal) -> Select[Any]:
     """Dashboards the caller may see: own, shared with them, pre-built, public."""
     shared = select(DashboardShare.dashboard_id).where(
         or_(DashboardShare.user_id == principal.user_id, DashboardShare.email == principal.email)

@@ -113,7 +113,7 @@ class WidgetIn(BaseModel):
     widget_type: WidgetType
     data_source: DataSource
     config: dict[str, Any] = Field(default_factory=dict, description="Chart options (colours, axes, units...).")
-    position: Position = Field(default_factory=Position)
+    position: Position = Field(default_factory=lambda: Position())
     refresh_seconds: int = Field(300, ge=10, le=86400)
 
 

@@ -165,7 +165,7 @@ def _metric(
         return WidgetData(
             kind="table",
             unit=metric.unit,
-            table=TableData(columns=[source.breakdown, metric.name], rows=rows),
+            table=TableData(columns=[source.breakdown or "", metric.name], rows=rows),
             **common,
         )
     series = list(result.series)

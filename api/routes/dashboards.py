@@ -31,6 +31,7 @@ from api.dashboards.models import (
     DashboardSummary,
     DuplicateIn,
     Page,
+    Permission,
     Position,
     ShareIn,
     ShareOut,
@@ -334,9 +335,9 @@ def _share_out(share: DashboardShare) -> ShareOut:
         dashboard_id=share.dashboard_id,
         email=share.email,
         user_id=share.user_id,
-        permission=share.permission,
+        permission=Permission(share.permission),
         created_at=share.created_at,
-    )  # type: ignore[arg-type]
+    )
 
 
 def _load_owned(session: Any, dashboard_id: int, principal: Principal) -> Dashboard:
