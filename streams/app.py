@@ -29,7 +29,7 @@ from typing import Any
 
 import faust
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas.codec import SchemaError
 from schemas.streams import metric_partial_codec
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PARTIALS_TOPIC = "metrics.partials"
 PARTIALS_PARTITIONS = 6
+MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
 
 
 def faust_brokers(bootstrap: str) -> list[str]:
@@ -70,10 +71,26 @@ def ensure_stream_topics(settings: Settings) -> None:
         settings,
         (
             TopicSpec(PARTIALS_TOPIC, PARTIALS_PARTITIONS, retention_ms=DAY_MS),
-            TopicSpec(f"{app_id}-partition-checkpoints-changelog", EVENTS_RAW.partitions, -1, compacted),
             TopicSpec(f"{app_id}-merged-windows-changelog", PARTIALS_PARTITIONS, -1, compacted),
         ),
     )
+    # A partition's checkpoint is one message (that is what makes it atomic), and a busy
+    # partition's open windows can weigh megabytes: this topic takes messages that large.
+    name = settings.topic(f"{app_id}-partition-checkpoints-changelog")
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    if name not in admin.list_topics(timeout=30).topics:
+        topic = NewTopic(
+            name,
+            num_partitions=EVENTS_RAW.partitions,
+            replication_factor=replication_factor(settings),
+            config={"cleanup.policy": compacted, "max.message.bytes": str(MAX_CHECKPOINT_BYTES)},
+        )
+        for future in admin.create_topics([topic], operation_timeout=30).values():
+            try:
+                future.result()
+            except Exception as exc:  # created concurrently by another worker: fine
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -96,6 +113,8 @@ def create_app(settings: Settings) -> faust.App:
         web_bind="127.0.0.1",
         table_cleanup_interval=3600.0,
         producer_acks=-1,
+        producer_max_request_size=MAX_CHECKPOINT_BYTES,
+        consumer_max_fetch_size=MAX_CHECKPOINT_BYTES,
     )
     catalogue = get_catalogue(settings.metrics_file)
     aggregators = compile_catalogue(catalogue)
