@@ -288,8 +288,9 @@ class BatchSink:
         batch = self._batch
         if not batch.messages:
             batch.opened_at = time.monotonic()
-        rows = batch.rows
+        rows, ranges = batch.rows, batch.ranges
         to_row = self.to_row
+        tracked = 0
         for message in messages:
             error = message.error()
             if error is not None:
@@ -304,8 +305,15 @@ class BatchSink:
                 row = self.undecodable(message, exc)
                 if row is not None:
                     rows.append(row)
-            # A consumed (non-error) message always has its topic, partition and offset.
-            batch.track(message.topic(), message.partition(), message.offset())  # type: ignore[arg-type]
+            # PendingBatch.track, inlined: this loop runs once per message.
+            key, offset = (message.topic(), message.partition()), message.offset()
+            span = ranges.get(key)  # type: ignore[arg-type]
+            if span is None:
+                ranges[key] = [offset, offset]  # type: ignore[index,list-item]
+            else:
+                span[1] = offset  # type: ignore[assignment]
+            tracked += 1
+        batch.messages += tracked
 
     def _due(self, batch: PendingBatch) -> bool:
         return bool(batch.messages) and (

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import re
 from functools import cache
+from io import BytesIO
 from typing import Any
 
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+from fastavro import schemaless_reader
 
-from schemas.codec import SchemaCodec, SchemaError, load_schema
+from schemas.codec import HEADER_LENGTH, SchemaCodec, SchemaError, load_schema
 from sinks.batch import BatchSink, Row, SinkSpec, UndecodableMessage
 from tidemark.settings import Settings
 from tidemark.topics import EVENTS_RAW
@@ -97,7 +99,7 @@ def event_row(message: Message) -> Row:
     timestamp = record["timestamp"]
     if not MIN_EVENT_MILLIS <= timestamp < MAX_EVENT_MILLIS:
         raise UndecodableMessage("timestamp_out_of_range", f"event time {timestamp} ms is not in 1970-2099")
-    received_at = record.get("receivedAt")
+    received_at = record["receivedAt"]  # present in every version once resolved to the current schema
     if received_at is None or not MIN_EVENT_MILLIS <= received_at < MAX_EVENT_MILLIS:
         kind, received_at = message.timestamp()
         if kind == TIMESTAMP_NOT_AVAILABLE:
@@ -111,13 +113,31 @@ def event_row(message: Message) -> Row:
         record["sessionId"] or "",
         timestamp,
         received_at,
-        record.get("source") or "unknown",
+        record["source"],
         record["properties"],
         record["context"],
     )
 
 
-_decode_event = wire_event_codec().decode
+_EVENT_CODEC = wire_event_codec()
+_CURRENT_HEADER = _EVENT_CODEC.header
+_CURRENT_SCHEMA = _EVENT_CODEC.schema
+
+
+def _decode_event(value: bytes) -> dict[str, Any]:
+    """Decode one message: the current schema straight through fastavro (the hot path), the rest via the codec.
+
+    Older writer versions, unknown fingerprints and corrupt bodies all go through
+    ``SchemaCodec.decode``, which resolves them or raises :class:`SchemaError` with the reason.
+    """
+    if value[:HEADER_LENGTH] == _CURRENT_HEADER:
+        buf = BytesIO(value)
+        buf.seek(HEADER_LENGTH)
+        try:
+            return schemaless_reader(buf, _CURRENT_SCHEMA, None)  # type: ignore[return-value]
+        except Exception:  # a corrupt body: the codec below says what is wrong with it
+            pass
+    return _EVENT_CODEC.decode(value)
 
 
 class RawEventSink(BatchSink):
