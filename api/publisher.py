@@ -10,6 +10,7 @@ acknowledged or the first one fails — so a 200 means "durable in Kafka" withou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -48,12 +49,17 @@ class _Delivery:
                 return
             if err is not None:
                 self.failed = True
-                self.loop.call_soon_threadsafe(self._fail, f"{err.name()}: {err.str()}")
+                self._wake(self._fail, f"{err.name()}: {err.str()}")
                 return
             self.pending -= 1
             if self.pending:
                 return
-        self.loop.call_soon_threadsafe(self._succeed)
+        self._wake(self._succeed)
+
+    def _wake(self, callback: Any, *args: Any) -> None:
+        # A closed loop (shutdown) means nobody waits for this answer any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(callback, *args)
 
     def _succeed(self) -> None:
         if not self.future.done():
@@ -111,7 +117,10 @@ class EventPublisher:
         producer = self._producer
         assert producer is not None
         while self._running.is_set():
-            producer.poll(0.1)
+            try:
+                producer.poll(0.1)
+            except Exception:  # a failing callback must not end the thread every request relies on
+                log.exception("Delivery report handling failed")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Deliver what is in flight (within ``timeout``), then stop the poll thread."""
@@ -153,7 +162,8 @@ class EventPublisher:
                     producer, self.dead_topic, letter.reason.encode("utf-8"), encode_dead(letter.to_avro()), delivery
                 )
         except PublishError:
-            delivery.failed = True
+            with delivery.lock:
+                delivery.failed = True  # reports of what was already queued are ignored
             PRODUCE_FAILURES.labels("enqueue").inc()
             raise
         try:

@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -71,8 +72,9 @@ def consume(settings: Settings, topic: str, count: int, timeout: float = 30.0) -
     return records
 
 
-def events_on_raw(settings: Settings, count: int) -> list[tuple[bytes | None, AnalyticsEvent]]:
-    return [(k, AnalyticsEvent.from_avro(event_codec().decode(v))) for k, v in consume(settings, "events.raw", count)]
+def events_on_raw(settings: Settings, count: int, timeout: float = 30.0) -> list[tuple[bytes | None, AnalyticsEvent]]:
+    records = consume(settings, "events.raw", count, timeout)
+    return [(k, AnalyticsEvent.from_avro(event_codec().decode(v))) for k, v in records]
 
 
 def letters_on_dlq(settings: Settings, count: int) -> list[DeadLetter]:
@@ -234,3 +236,28 @@ def test_gzip_batch_like_tracking_libraries_send(collector: TestClient, kafka_se
     assert response.json()["accepted"] == 20
     events = events_on_raw(kafka_settings, 20)
     assert sorted(str(e.id) for _, e in events) == sorted(str(event_id(f"gz-{i}")) for i in range(20))
+
+
+def test_concurrent_batches_each_answered_after_their_own_delivery(
+    collector: TestClient, kafka_settings: Settings
+) -> None:
+    """Many requests in flight share the producer; every 200 covers exactly that request's events."""
+
+    def post(client_no: int) -> list[str]:
+        sent: list[str] = []
+        for request_no in range(4):
+            ids = [f"c{client_no}-r{request_no}-e{i}" for i in range(25)]
+            items = [{"type": "track", "anonymousId": f"a{client_no}", "event": "login", "messageId": m} for m in ids]
+            response = collector.post("/v1/batch", json={"batch": items}, auth=AUTH)
+            assert response.status_code == 200, response.text
+            assert response.json()["accepted"] == 25
+            sent.extend(ids)
+        return sent
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        sent = [m for ids in pool.map(post, range(8)) for m in ids]
+    assert len(sent) == 800
+    events = events_on_raw(kafka_settings, len(sent), timeout=60)
+    assert sorted(str(e.id) for _, e in events) == sorted(str(event_id(m)) for m in sent)
+    # One device's events share a key, hence a partition, hence their order.
+    assert {key for key, _ in events} == {f"a{n}".encode() for n in range(8)}
