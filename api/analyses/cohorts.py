@@ -162,16 +162,15 @@ def compute_cohort(
     if definition.kind == "custom":
         assert definition.sql is not None
         seconds, rows = custom_limits
-        # As a subquery only a SELECT parses; readonly=2 forbids writes even so (2, not 1, lets the
-        # per-query limits below be set).
+        # The same guard as the analysts' /v1/sql (readonly alone still allows file()/url() and
+        # INTO OUTFILE); as a subquery only a SELECT parses. Limits go in the statement's SETTINGS.
+        from api.readonly import ReadOnlyGuard, run_readonly
+
         sql = f"SELECT * FROM ({definition.sql.strip().rstrip(';')})"
-        limits = {
-            "readonly": 2,
-            "max_execution_time": seconds,
-            "max_result_rows": rows,
-            "result_overflow_mode": "throw",
-        }
-        result = client.query(sql, settings=limits).result_rows
+        answer = run_readonly(client, sql, max_rows=rows, max_seconds=seconds, guard=ReadOnlyGuard())
+        if answer.truncated:
+            raise ValueError(f"custom cohort sql returned more than {rows} rows")
+        result = answer.rows
         members = sorted({str(r[0]) for r in result if r and r[0] is not None and str(r[0]) != ""})
         if members:
             client.insert(

@@ -118,6 +118,18 @@ def test_custom_sql_is_read_only(ch_db):
     assert ch_db.query("SELECT getSetting('readonly')").result_rows[0][0] == 0
 
 
+def test_custom_sql_cannot_read_files_or_urls(ch_db, tmp_path):
+    from api.readonly import QueryRefused
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("stolen\n")
+    attempts = [f"SELECT * FROM file('{secret}', 'CSV', 'c String')", "SELECT * FROM url('http://127.0.0.1:9/', 'CSV')"]
+    for sql in attempts:
+        with pytest.raises(QueryRefused):
+            compute_cohort(ch_db, "leak", CohortDefinition(kind="custom", sql=sql), now=NOW)
+    assert ch_db.query("SELECT count() FROM cohort_members").result_rows[0][0] == 0
+
+
 def test_recomputation_freshness_and_latest_wins(ch_db):
     events = world(seed=5, people=40)
     insert_events(ch_db, events)
