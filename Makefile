@@ -10,6 +10,7 @@ run: venv kafka-jars ## Kafka + API/sinks + stream worker + demo traffic; Ctrl-C
 	$(BIN)/tidemark run
 
 test: venv kafka-jars ## the whole suite against a real broker and the embedded ClickHouse engine
+	bash infra/system-deps.sh
 	bash infra/test.sh
 
 venv: $(VENV)/.installed
