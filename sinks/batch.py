@@ -17,7 +17,8 @@ The life of a message:
 4. If the insert (or the dead-letter delivery) fails, nothing is committed. The sink
    keeps the failed batch and retries it with capped exponential backoff, forever;
    nothing overtakes it. Once the open batch is full too, the sink pauses its
-   partitions (still polling, so it stays in the group): nothing is skipped.
+   partitions (still polling, so it stays in the group): nothing is skipped. (While a
+   write is merely in progress, a full open batch just waits for it.)
 
 Why a replay is harmless
 ------------------------
@@ -254,8 +255,14 @@ class BatchSink:
             while not self._stop.is_set():
                 self._settle()
                 self._hand_over()
-                # A full open batch that cannot be handed over yet: stop fetching, keep polling.
-                self._set_paused(len(self._batch.rows) >= max_rows)
+                full = len(self._batch.rows) >= max_rows
+                if full and self._inflight is not None:
+                    # The writer is busy with the previous batch: wait for it rather than pause,
+                    # because pausing makes librdkafka drop the messages it has prefetched.
+                    self._settle(timeout=1.0)
+                    continue
+                # Full while a failed batch waits out its backoff (maybe long): stop fetching, keep polling.
+                self._set_paused(full)
                 room = max(max_rows - len(self._batch.rows), 1)
                 messages = consumer.consume(num_messages=min(room, CONSUME_CHUNK), timeout=self._poll_timeout())
                 if messages:
