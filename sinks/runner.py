@@ -10,9 +10,12 @@ from collections.abc import Callable, Collection
 
 from clickhouse_connect.driver.client import Client
 
+from sinks.anomalies import ANOMALIES_SINK, AnomalySink
 from sinks.batch import BatchSink
 from sinks.raw import EVENTS_SINK, RawEventSink
 from sinks.rejected import REJECTED_SINK, RejectedSink
+from sinks.sessions import SESSIONS_SINK, SessionSink
+from sinks.snapshots import SNAPSHOTS_SINK, SnapshotSink
 from tidemark.service import Service
 from tidemark.settings import Settings
 
@@ -22,6 +25,9 @@ SinkFactory = Callable[[Settings, Client], BatchSink]
 SINKS: dict[str, SinkFactory] = {
     EVENTS_SINK.name: RawEventSink,
     REJECTED_SINK.name: RejectedSink,
+    SESSIONS_SINK.name: SessionSink,
+    SNAPSHOTS_SINK.name: SnapshotSink,
+    ANOMALIES_SINK.name: AnomalySink,
 }
 
 

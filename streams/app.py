@@ -33,6 +33,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas.codec import SchemaError
 from schemas.streams import metric_partial_codec
+from streams.agents.anomalies import register_anomaly_agent
 from streams.agents.events import EventsAgent
 from streams.agents.metrics import MetricsAgent
 from streams.aggregators import compile_catalogue
@@ -213,6 +214,12 @@ def create_app(settings: Settings) -> faust.App:
         raw_name = settings.topic(EVENTS_RAW.name)
         events_agent.forget({tp.partition for tp in revoked if tp.topic == raw_name})
 
+    # Anomaly detection: metric snapshots -> anomalies, with its own flush timer and checkpoint.
+    anomaly_agent = register_anomaly_agent(
+        app, settings, catalogue, publisher, outputs_durable, ack, MAX_CHECKPOINT_BYTES
+    )
+
     app.tidemark_events_agent = events_agent  # type: ignore[attr-defined]
+    app.tidemark_anomaly_agent = anomaly_agent  # type: ignore[attr-defined]
     app.tidemark_metrics_agent = metrics_agent  # type: ignore[attr-defined]
     return app

@@ -36,4 +36,4 @@ def test_different_boundaries_make_a_different_token() -> None:
 
 
 def test_every_sink_is_registered_under_its_spec_name() -> None:
-    assert set(SINKS) == {"raw", "rejected"}
+    assert set(SINKS) == {"raw", "rejected", "sessions", "snapshots", "anomalies"}
