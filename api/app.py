@@ -22,6 +22,7 @@ from api.collector.enrich import warm_up as warm_up_enrichment
 from api.dashboards import close_query_api, open_query_api
 from api.metrics import RequestLatencyMiddleware
 from api.publisher import EventPublisher
+from api.routes import anomalies as anomaly_routes
 from api.routes import collector, dashboards, health, keys, metrics, sql
 from sinks.clickhouse import connect, is_embedded
 from sinks.migrations import apply_migrations
@@ -39,6 +40,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     keys.router,
     dashboards.router,
     metrics.router,
+    anomaly_routes.router,
 )
 
 HTTP_ERROR_CODES = {
