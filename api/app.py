@@ -23,7 +23,7 @@ from api.dashboards import close_query_api, open_query_api
 from api.metrics import RequestLatencyMiddleware
 from api.publisher import EventPublisher
 from api.routes import anomalies as anomaly_routes
-from api.routes import collector, dashboards, health, keys, metrics, sql
+from api.routes import cohorts, collector, dashboards, experiments, funnels, health, keys, metrics, retention, sql
 from sinks.clickhouse import connect, is_embedded
 from sinks.migrations import apply_migrations
 from tidemark.service import Service
@@ -40,6 +40,10 @@ ROUTERS: tuple[APIRouter, ...] = (
     keys.router,
     dashboards.router,
     metrics.router,
+    funnels.router,
+    retention.router,
+    cohorts.router,
+    experiments.router,
     anomaly_routes.router,
 )
 
