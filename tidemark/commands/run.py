@@ -25,6 +25,8 @@ from tidemark.localkafka import LocalKafka
 from tidemark.settings import get_settings
 from tidemark.topics import ensure_topics
 
+LOCAL_ADMIN_KEY = "dev-admin-key"  # a local run's bootstrap admin key; production sets its own
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``run`` command."""
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     bootstrap = broker.start(port=_preferred_port(settings.kafka_bootstrap))
     print(f"  Kafka    {bootstrap} (data in {state / 'kafka'})")
     env = {**os.environ, "TIDEMARK_KAFKA_BOOTSTRAP": bootstrap, "TIDEMARK_STATE_DIR": str(state)}
+    env.setdefault("TIDEMARK_ADMIN_API_KEY", LOCAL_ADMIN_KEY)
     ensure_topics(settings.model_copy(update={"kafka_bootstrap": bootstrap}))
     group = ProcessGroup(state / "logs")
     python = [sys.executable, "-m", "tidemark"]
@@ -138,6 +141,8 @@ Tidemark is running.
   Send an event:
     curl -u {key}: -H 'content-type: application/json' {api}/v1/track \\
       -d '{{"userId": "ada", "event": "fund_project", "properties": {{"amount": 25, "currency": "USD"}}}}'
+  Dashboards (API key {env["TIDEMARK_ADMIN_API_KEY"]}):
+    curl -H 'Authorization: Bearer {env["TIDEMARK_ADMIN_API_KEY"]}' {api}/v1/dashboards
   Query it (analysts' read-only SQL):
     .venv/bin/tidemark sql "SELECT event_name, count() FROM events FINAL GROUP BY event_name ORDER BY 2 DESC"
   Press Ctrl-C to stop everything.
