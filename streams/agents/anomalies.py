@@ -9,17 +9,19 @@ feeds each series in period order (:func:`ordered_snapshots`). Each flush then a
 bank to judge periods whose end plus the stream's grace has passed (``close_due``), so a
 series whose events stopped altogether is judged too.
 
-Processing guarantee (same scheme as :mod:`streams.agents.events`): at every flush
+Clock: periods are closed by *stream time* -- the latest period start seen on ``metrics``
+-- advanced by the wall clock while no newer snapshot comes. Live, that is the wall clock
+(a series whose events stopped is still judged); on a replay of older data it follows the
+data, so periods are not judged empty just because they are old.
 
-1. found anomalies are produced to ``anomalies`` and the producer is flushed (durable);
-2. the bank's whole state is written, as one message, to a compacted checkpoint topic
-   (key ``bank``) and flushed;
-3. only then are the consumed snapshots acknowledged.
-
-After a crash the worker restores the bank from the checkpoint and re-reads snapshots
-since the last acknowledged offset; the bank ignores periods it has already judged, so
-replays neither double-learn nor re-page. A crash between steps 1 and 2 can re-publish an
-episode of the last flush (under a new id): an alert is repeated rather than lost.
+Processing guarantee (same scheme as :mod:`streams.agents.events`): at every flush found
+anomalies are produced to ``anomalies`` and made durable; at most every
+``CHECKPOINT_EVERY_SECONDS`` the bank's whole state (and the stream clock) is written, as
+one compressed message, to a compacted checkpoint topic (key ``bank``) and only then are
+the consumed snapshots acknowledged. After a crash the worker restores the bank from the
+checkpoint and re-reads the snapshots since; the bank ignores periods it has already
+judged, and an episode's id is derived from its series, detector and detection time
+(:func:`episode_id`), so a re-judged episode is the same row again, not a second alert.
 
 The bank is one per worker process: run the anomaly agent on a single worker (the
 ``metrics`` topic's partitions must all reach the same bank).
@@ -28,17 +30,20 @@ The bank is one per worker process: run the anomaly agent on a single worker (th
 from __future__ import annotations
 
 import logging
+import time
+import zlib
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import Counter
 
 from schemas.anomaly import Anomaly
 from schemas.codec import SchemaError
 from schemas.streams import MetricSnapshot, metric_snapshot_codec
-from streams.anomaly.series import DetectorBank, anomaly_messages, series_key
+from streams.anomaly.series import BankConfig, DetectorBank, anomaly_messages, series_key
 from streams.catalogue import Aggregation, Catalogue
 from tidemark.settings import Settings
 
@@ -50,6 +55,8 @@ ANOMALIES_PUBLISHED = Counter(
 SNAPSHOTS_SKIPPED = Counter("tidemark_stream_anomaly_snapshots_skipped_total", "Undecodable metric snapshots.")
 
 CHECKPOINT_KEY = b"bank"
+CHECKPOINT_EVERY_SECONDS = 10.0
+CHECKPOINT_FORMAT = b"tmk-anomaly-bank/1"
 ADDITIVE = frozenset({Aggregation.count, Aggregation.sum})
 
 
@@ -90,11 +97,38 @@ def ordered_snapshots(snapshots: Iterable[MetricSnapshot]) -> list[MetricSnapsho
     return [periods[start] for periods in series.values() for start in sorted(periods)]
 
 
+def episode_id(anomaly: Anomaly) -> UUID:
+    """A stable id of an episode: series, detector and detection time (the same when a replay re-judges it).
+
+    Every version of an episode (open, escalated, resolved) keeps ``detected_at``, so all carry this id.
+    """
+    text = f"tidemark:anomaly:{anomaly.series_key}|{anomaly.detector}|{anomaly.detected_at.isoformat()}"
+    return uuid5(NAMESPACE_URL, text)
+
+
+def encode_checkpoint(bank_state: bytes, clock_ms: int | None) -> bytes:
+    """The checkpoint message: format tag, stream clock and the bank's state, zlib-compressed (JSON shrinks ~10x)."""
+    clock = b"" if clock_ms is None else str(clock_ms).encode()
+    return zlib.compress(CHECKPOINT_FORMAT + b"\n" + clock + b"\n" + bank_state, 3)
+
+
+def decode_checkpoint(blob: bytes) -> tuple[bytes, int | None]:
+    """The bank's state and the stream clock from :func:`encode_checkpoint` (ValueError if not one)."""
+    try:
+        tag, clock, state = zlib.decompress(blob).split(b"\n", 2)
+    except (zlib.error, ValueError) as exc:
+        raise ValueError(f"not an anomaly checkpoint: {exc}") from exc
+    if tag != CHECKPOINT_FORMAT:
+        raise ValueError(f"unknown anomaly checkpoint format {tag[:40]!r}")
+    return state, int(clock) if clock else None
+
+
 class AnomalyAgent:
     """Buffers consumed snapshots and, at each flush, runs them through the bank and publishes what it found.
 
-    Everything Kafka-specific is injected (``publish``, ``save_state``, ``outputs_durable``,
-    ``ack``), so the processing runs the same inside the Faust worker and in plain code.
+    Everything Kafka-specific is injected (``publish``, ``save_state``/``load_state`` of the
+    checkpoint blob, ``outputs_durable``, ``ack``), so the processing runs the same inside
+    the Faust worker and in plain code. ``wall_clock`` is injectable for the same reason.
     """
 
     def __init__(
@@ -106,6 +140,8 @@ class AnomalyAgent:
         outputs_durable: Callable[[], None],
         ack: Callable[[Any], None],
         grace_seconds: float = 0.0,
+        checkpoint_every: float = CHECKPOINT_EVERY_SECONDS,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._bank_factory = bank_factory
         self._load_state = load_state
@@ -115,19 +151,33 @@ class AnomalyAgent:
         self.outputs_durable = outputs_durable
         self.ack = ack
         self.grace_seconds = grace_seconds
+        self.checkpoint_every = checkpoint_every
+        self.wall_clock = wall_clock
         self.pending: list[MetricSnapshot] = []
         self.unacked: list[Any] = []
+        self.stream_ms: int | None = None  # latest period start seen
+        self._stream_seen_at = 0.0  # wall time when it last advanced
+        self._dirty = False  # found anomalies or consumed messages since the last checkpoint
+        self._checkpointed_at = float("-inf")
         self._codec = metric_snapshot_codec()
 
     @property
     def bank(self) -> DetectorBank:
         """The detector bank, restored from the checkpoint on first use (when the worker runs)."""
         if self._bank is None:
-            self._bank = self._bank_factory(self._load_state())
+            blob = self._load_state()
+            state: bytes | None = None
+            if blob is not None:
+                try:
+                    state, self.stream_ms = decode_checkpoint(blob)
+                    self._stream_seen_at = self.wall_clock()
+                except ValueError as exc:
+                    log.warning("Ignoring the anomaly checkpoint, starting fresh: %s", exc)
+            self._bank = self._bank_factory(state)
         return self._bank
 
     def on_message(self, value: bytes | None, message: Any = None) -> None:
-        """Take one ``metrics`` message (acknowledged at the next flush, once it is reflected in state)."""
+        """Take one ``metrics`` message (acknowledged once a checkpoint reflects it)."""
         self.unacked.append(message)
         try:
             if not value:
@@ -137,28 +187,51 @@ class AnomalyAgent:
             SNAPSHOTS_SKIPPED.inc()
             log.warning("Skipping undecodable metric snapshot: %s", exc)
 
-    def flush(self, now: datetime | None = None) -> list[Anomaly]:
-        """Judge what was consumed and what is due; publish, checkpoint, then acknowledge. Returns the anomalies."""
+    def now(self) -> datetime | None:
+        """Stream time: the latest period start seen, advanced by the wall time since (None before any)."""
+        if self.stream_ms is None:
+            return None
+        elapsed = max(0.0, self.wall_clock() - self._stream_seen_at)
+        return datetime.fromtimestamp(self.stream_ms / 1000 + elapsed, tz=UTC)
+
+    def flush(self, now: datetime | None = None, force_checkpoint: bool = False) -> list[Anomaly]:
+        """Judge what was consumed and what is due, publish it; checkpoint and acknowledge when due.
+
+        ``now`` overrides the stream clock (tests, backfills). Returns the anomalies published.
+        """
         bank = self.bank
         found: list[Anomaly] = []
         for snapshot in ordered_snapshots(self.pending):
+            start_ms = int(snapshot.period_start.timestamp() * 1000)
+            if self.stream_ms is None or start_ms > self.stream_ms:
+                self.stream_ms, self._stream_seen_at = start_ms, self.wall_clock()
             found.extend(bank.process(snapshot))
         self.pending.clear()
-        found.extend(bank.close_due(now or datetime.now(UTC), self.grace_seconds))
-        if not found and not self.unacked:
-            return []  # nothing consumed, nothing published: the checkpoint still holds
-        for key, value in anomaly_messages(found):
-            self.publish(key, value)
-        for anomaly in found:
-            ANOMALIES_PUBLISHED.labels(anomaly.status.value).inc()
-        self.outputs_durable()  # anomalies first: a crash before the checkpoint repeats, never loses, them
-        self.save_state(bank.to_bytes())
-        self.outputs_durable()
+        clock = now or self.now()
+        if clock is not None:
+            found.extend(bank.close_due(clock, self.grace_seconds))
+        found = [a.model_copy(update={"id": episode_id(a)}) for a in found]
+        if found:
+            for key, value in anomaly_messages(found):
+                self.publish(key, value)
+            for anomaly in found:
+                ANOMALIES_PUBLISHED.labels(anomaly.status.value).inc()
+            self.outputs_durable()
+        self._dirty = self._dirty or bool(found) or bool(self.unacked)
+        due = self.wall_clock() - self._checkpointed_at >= self.checkpoint_every
+        if self._dirty and (due or force_checkpoint):
+            self.checkpoint()
+        return found
+
+    def checkpoint(self) -> None:
+        """Write the bank's state (outputs already durable), then acknowledge what it reflects."""
+        self.save_state(encode_checkpoint(self.bank.to_bytes(), self.stream_ms))
+        self._checkpointed_at = self.wall_clock()
+        self._dirty = False
         for message in self.unacked:
             if message is not None:
                 self.ack(message)
         self.unacked.clear()
-        return found
 
 
 def read_checkpoint(settings: Settings, timeout: float = 30.0) -> bytes | None:
@@ -221,25 +294,35 @@ def build_anomaly_agent(
     publisher: Callable[[str], Callable[[bytes, bytes], None]],
     outputs_durable: Callable[[], None],
     ack: Callable[[Any], None],
+    max_checkpoint_bytes: int = 64 * 1024 * 1024,
 ) -> AnomalyAgent:
     """The anomaly agent of a worker: bank from the settings, checkpoint on :func:`anomaly_state_topic`."""
     from tidemark.topics import ANOMALIES
 
     is_additive = additive_metrics(catalogue)
+    # The checkpoint can weigh megabytes: its own producer takes messages as large as the topic does.
+    state_producer = Producer({
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "enable.idempotence": True,
+        "message.max.bytes": max_checkpoint_bytes,
+        "compression.type": "none",  # already compressed
+    })
     state_topic = anomaly_state_topic(settings)
-    checkpoint = publisher(state_topic)
+
+    def save_state(blob: bytes) -> None:
+        state_producer.produce(state_topic, key=CHECKPOINT_KEY, value=blob)
+        if state_producer.flush(60) != 0:
+            raise RuntimeError("the anomaly checkpoint was not delivered within 60 s; not acknowledging")
 
     def bank_factory(state: bytes | None) -> DetectorBank:
         if state is None:
             return DetectorBank.from_settings(settings, is_additive=is_additive)
-        from streams.anomaly.series import BankConfig
-
         return DetectorBank.from_bytes(state, BankConfig.from_settings(settings), is_additive)
 
     return AnomalyAgent(
         bank_factory,
         publish=publisher(settings.topic(ANOMALIES.name)),
-        save_state=lambda blob: checkpoint(CHECKPOINT_KEY, blob),
+        save_state=save_state,
         load_state=lambda: read_checkpoint(settings),
         outputs_durable=outputs_durable,
         ack=ack,
@@ -262,7 +345,7 @@ def register_anomaly_agent(
     from tidemark.topics import METRICS
 
     ensure_state_topic(settings, max_message_bytes)
-    agent = build_anomaly_agent(settings, catalogue, publisher, outputs_durable, ack)
+    agent = build_anomaly_agent(settings, catalogue, publisher, outputs_durable, ack, max_message_bytes)
     metrics = app.topic(settings.topic(METRICS.name), key_type=bytes, value_type=bytes,
                         key_serializer="raw", value_serializer="raw")
 
@@ -271,7 +354,8 @@ def register_anomaly_agent(
         async for event in stream.noack().events():
             agent.on_message(event.message.value, event.message)
 
-    @app.timer(settings.stream_flush_seconds)
+    # Judging touches every series (close_due): not more often than once a second.
+    @app.timer(max(settings.stream_flush_seconds, 1.0))
     async def judge() -> None:
         agent.flush()
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from schemas.anomaly import AnomalyStatus, anomaly_codec
 from schemas.streams import MetricSnapshot, metric_snapshot_codec
-from streams.agents.anomalies import AnomalyAgent, additive_metrics, ordered_snapshots
+from streams.agents.anomalies import AnomalyAgent, additive_metrics, episode_id, ordered_snapshots
 from streams.anomaly.series import BankConfig, DetectorBank
 from streams.catalogue import get_catalogue
 
@@ -47,21 +47,29 @@ def test_additive_metrics_come_from_the_catalogue_aggregations() -> None:
     assert not is_additive("no-such-metric")
 
 
+def counts(metric: str) -> bool:
+    return metric == "signups"
+
+
 class Recorder:
     """Collects what the agent publishes, checkpoints and acknowledges, in order."""
 
     def __init__(self) -> None:
         self.log: list[tuple[str, Any]] = []
         self.state: bytes | None = None
+        self.checkpoint_every = 0.0
+        self.wall = 1_000_000.0
 
     def agent(self) -> AnomalyAgent:
         return AnomalyAgent(
-            lambda blob: DetectorBank(CONFIG) if blob is None else DetectorBank.from_bytes(blob, CONFIG),
+            lambda blob: DetectorBank.from_bytes(blob, CONFIG, counts) if blob else DetectorBank(CONFIG, counts),
             publish=lambda key, value: self.log.append(("publish", anomaly_codec().decode(value)["status"])),
             save_state=self.save,
             load_state=lambda: self.state,
             outputs_durable=lambda: self.log.append(("durable", None)),
             ack=lambda message: self.log.append(("ack", message)),
+            checkpoint_every=self.checkpoint_every,
+            wall_clock=lambda: self.wall,
         )
 
     def save(self, blob: bytes) -> None:
@@ -83,7 +91,7 @@ def test_flush_publishes_then_checkpoints_then_acks_and_restores_from_checkpoint
     agent.on_message(codec.encode(snapshot(72, 10.0).to_avro()), "drop")
     found = agent.flush(START + timedelta(hours=73, minutes=1))
     assert [a.status for a in found] == [AnomalyStatus.open]
-    assert [kind for kind, _ in recorder.log] == ["publish", "durable", "checkpoint", "durable", "ack"]
+    assert [kind for kind, _ in recorder.log] == ["publish", "durable", "checkpoint", "ack"]
     # A restarted agent continues from the checkpoint: the replayed drop is not judged again,
     # and the recovery resolves the same episode.
     restarted = recorder.agent()
@@ -93,6 +101,37 @@ def test_flush_publishes_then_checkpoints_then_acks_and_restores_from_checkpoint
         restarted.on_message(codec.encode(snapshot(i, 100.0 + i % 5).to_avro()), i)
     resolved = restarted.flush(START + timedelta(hours=75, minutes=1))
     assert [(a.status, a.id) for a in resolved] == [(AnomalyStatus.resolved, found[0].id)]
+    assert found[0].id == episode_id(found[0])
+
+
+def test_replay_after_a_crash_republishes_the_same_episode_id() -> None:
+    codec = metric_snapshot_codec()
+    recorder = Recorder()
+    agent = recorder.agent()
+    for i in range(72):
+        agent.on_message(codec.encode(snapshot(i, 100.0 + i % 5).to_avro()), i)
+    agent.flush(START + timedelta(hours=72))
+    agent.on_message(codec.encode(snapshot(72, 10.0).to_avro()), "drop")
+    agent.checkpoint_every = 3600.0  # the crash comes before the next checkpoint
+    first = agent.flush(START + timedelta(hours=73, minutes=1))
+    assert recorder.log[-1] == ("durable", None)  # published, not yet checkpointed nor acknowledged
+    replayed = recorder.agent()  # restored from the previous checkpoint; the drop comes again
+    replayed.on_message(codec.encode(snapshot(72, 10.0).to_avro()), "drop")
+    again = replayed.flush(START + timedelta(hours=73, minutes=1))
+    assert [a.id for a in again] == [a.id for a in first] and len(first) == 1
+
+
+def test_stream_clock_follows_the_data_then_the_wall_clock() -> None:
+    codec = metric_snapshot_codec()
+    recorder = Recorder()
+    agent = recorder.agent()
+    for i in range(72):  # data of 2024, judged long after
+        agent.on_message(codec.encode(snapshot(i, 100.0 + i % 5).to_avro()), i)
+    assert agent.flush() == []  # no flood of empty periods up to today's date
+    assert agent.now() == START + timedelta(hours=71)
+    recorder.wall += 2 * 3600 + 60  # two hours without a snapshot: hours 71 and 72 close
+    found = agent.flush()
+    assert [(a.actual, a.window_start) for a in found] == [(0.0, START + timedelta(hours=72))]  # a count: 0
 
 
 def test_nothing_consumed_nothing_due_writes_nothing() -> None:
