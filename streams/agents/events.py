@@ -7,9 +7,10 @@ For every partition of ``events.raw`` it holds a :class:`~streams.processor.Part
 1. changed sessions are published to ``sessions`` and changed windows to
    ``metrics.partials`` (full values under a key, never deltas), and the producer is
    flushed: the outputs are durable;
-2. the partition's whole state and the offset it reflects are written, as ONE message,
-   to the checkpoint table's changelog (keyed by partition number);
-3. only then are the partition's events since the last flush acknowledged.
+2. at most every ``CHECKPOINT_EVERY_SECONDS`` (or when ``stream_flush_events`` events
+   wait), the partition's whole state and the offset it reflects are written, as ONE
+   message, to the checkpoint table's changelog (keyed by partition number);
+3. only then are the partition's events up to the checkpoint acknowledged.
 
 Faust commits acknowledged offsets after flushing its producer (outputs and checkpoint
 durable first). So the committed offset never passes the checkpoint: after a crash the
@@ -44,8 +45,13 @@ EVENTS_SKIPPED = Counter(
     "tidemark_stream_events_skipped_total", "Events not applied, by reason (replayed, undecodable).", ["reason"]
 )
 LATE_EVENTS = Counter("tidemark_stream_late_events_total", "Events later than their window's grace.", ["period"])
-# A changed window of a long period is re-published at most this often (seconds); minutes every flush.
-PUBLISH_EVERY = {Period.hour: 5.0, Period.day: 15.0, Period.week: 30.0, Period.month: 30.0}
+# A changed window is re-published at most this often (seconds); a closing window at once. Partials
+# fan out (metrics x dimension values x periods), so this bounds the load on the metrics agent.
+PUBLISH_EVERY = {Period.minute: 5.0, Period.hour: 10.0, Period.day: 30.0, Period.week: 30.0, Period.month: 30.0}
+
+# Outputs are published at every flush; the state is checkpointed (and the events acknowledged)
+# at most this often, or when ``stream_flush_events`` events wait. A crash replays since then.
+CHECKPOINT_EVERY_SECONDS = 10.0
 
 FLUSHES = Counter("tidemark_stream_flushes_total", "Partition flushes (publish + checkpoint + ack).")
 
@@ -133,6 +139,9 @@ class EventsAgent:
         self.flush_events = settings.stream_flush_events
         self._late_reported: dict[int, dict[str, int]] = defaultdict(dict)
         self._replayed: dict[int, int] = defaultdict(int)
+        self._checkpointed_at: dict[int, float] = {}
+        # Serialising a partition's state costs milliseconds to seconds: not at every flush.
+        self.checkpoint_seconds = CHECKPOINT_EVERY_SECONDS
         self._session_codec = session_codec()
         self._partial_codec = metric_partial_codec()
 
@@ -192,6 +201,11 @@ class EventsAgent:
             key = window_key_text(partial.metric, partial.dimension, partial.dimension_value,
                                   partial.period.value, partial.period_start)
             self.publish_partial(key.encode(), self._partial_codec.encode(partial_record(partial)))
+        due = started - self._checkpointed_at.get(partition, -1e18) >= self.checkpoint_seconds
+        if not (due or len(unacked) >= self.flush_events):
+            self._report_late(partition, processor)
+            return  # published; checkpoint and acknowledgement wait for the next checkpoint
+        self._checkpointed_at[partition] = started
         self.outputs_durable()
         self.save_checkpoint(partition, processor.checkpoint())
         count = 0
