@@ -15,11 +15,11 @@ show them without querying ClickHouse.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -124,10 +124,22 @@ def invalid(exc: Exception) -> ApiError:
     return ApiError(400, "invalid_request", str(exc))
 
 
+#: What ``DateTime64(3)`` holds: instants outside it cannot even be sent to ClickHouse as parameters.
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(2262, 1, 1, tzinfo=UTC)
+
+#: Metadata ids (SQLite and PostgreSQL integers): larger numbers are refused before the database sees them.
+MAX_ID = 2**31 - 1
+RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
+CohortRef = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
 def check_range(time_range: TimeRange) -> TimeRange:
-    """A time range must not be empty."""
+    """A time range must not be empty and must lie within what ClickHouse timestamps hold (else 400)."""
     if time_range.end <= time_range.start:
         raise ApiError(400, "invalid_request", "time_range.end must be after time_range.start")
+    if time_range.start < EARLIEST or time_range.end > LATEST:
+        raise ApiError(400, "invalid_request", f"time ranges must lie within {EARLIEST.year}..{LATEST.year}")
     return time_range
 
 
@@ -206,7 +218,7 @@ class CohortOut(BaseModel):
 class CompareIn(BaseModel):
     """Cohorts to put side by side under the same retention analysis."""
 
-    cohort_ids: list[int] = Field(min_length=1, max_length=10)
+    cohort_ids: list[CohortRef] = Field(min_length=1, max_length=10)
     retention: RetentionDefinition
     time_range: TimeRange
 
@@ -219,7 +231,8 @@ class LifetimeValueIn(BaseModel):
 
     @model_validator(mode="after")
     def _ordered(self) -> LifetimeValueIn:
-        check_range(self.time_range)
+        if self.time_range.end <= self.time_range.start:
+            raise ValueError("time_range.end must be after time_range.start")
         return self
 
 
@@ -283,7 +296,7 @@ def create_cohort(body: CohortIn, principal: Analyst, session: DbSession) -> Coh
 
 @router.get("/{cohort_id}", response_model=CohortOut, summary="Read a cohort with its latest computation")
 def get_cohort(
-    cohort_id: int, principal: CurrentPrincipal, session: DbSession, client: AnalysisClickHouse
+    cohort_id: RowId, principal: CurrentPrincipal, session: DbSession, client: AnalysisClickHouse
 ) -> CohortOut:
     """The cohort; recomputed first when its computation has expired."""
     cohort = load_visible_row(session, Cohort, cohort_id, principal, "cohort")
@@ -292,7 +305,7 @@ def get_cohort(
 
 @router.patch("/{cohort_id}", response_model=CohortOut, summary="Change a cohort")
 def update_cohort(
-    cohort_id: int, body: CohortPatch, principal: CurrentPrincipal, session: DbSession, client: AnalysisClickHouse
+    cohort_id: RowId, body: CohortPatch, principal: CurrentPrincipal, session: DbSession, client: AnalysisClickHouse
 ) -> CohortOut:
     """Change name, description, visibility or definition (a new definition is computed at once)."""
     cohort = load_editable_row(session, Cohort, cohort_id, principal, "cohort")
@@ -317,7 +330,7 @@ def update_cohort(
 
 @router.delete("/{cohort_id}", status_code=204, summary="Delete a cohort")
 def delete_cohort(
-    cohort_id: int, principal: CurrentPrincipal, session: DbSession, client: AnalysisClickHouse
+    cohort_id: RowId, principal: CurrentPrincipal, session: DbSession, client: AnalysisClickHouse
 ) -> None:
     """Delete the definition and its computed membership (so a reused id starts empty)."""
     cohort = load_editable_row(session, Cohort, cohort_id, principal, "cohort")
@@ -331,7 +344,7 @@ def delete_cohort(
 
 @router.post("/{cohort_id}/compute", response_model=CohortOut, summary="Compute a cohort now")
 def compute_now(
-    cohort_id: int, principal: CurrentPrincipal, session: DbSession, client: AnalysisClickHouse
+    cohort_id: RowId, principal: CurrentPrincipal, session: DbSession, client: AnalysisClickHouse
 ) -> CohortOut:
     """Recompute membership regardless of freshness (any caller who can see the cohort)."""
     cohort = load_visible_row(session, Cohort, cohort_id, principal, "cohort")
@@ -340,7 +353,7 @@ def compute_now(
 
 @router.get("/{cohort_id}/members", response_model=Page[str], summary="A cohort's members")
 def list_members(
-    cohort_id: int,
+    cohort_id: RowId,
     principal: CurrentPrincipal,
     session: DbSession,
     client: AnalysisClickHouse,
@@ -373,7 +386,7 @@ def compare(
 
 @router.post("/{cohort_id}/ltv", response_model=LifetimeValue, summary="A cohort's lifetime value")
 def cohort_ltv(
-    cohort_id: int,
+    cohort_id: RowId,
     body: LifetimeValueIn,
     principal: CurrentPrincipal,
     session: DbSession,
@@ -381,6 +394,7 @@ def cohort_ltv(
     settings: ReportSettings,
 ) -> LifetimeValue:
     """Cumulative revenue per member by period since each member's acquisition."""
+    check_range(body.time_range)
     key = resolve_cohort(session, client, cohort_id, principal)
     try:
         return lifetime_value(client, body.definition, body.time_range, cohort_id=key, settings=settings)
@@ -391,6 +405,8 @@ def cohort_ltv(
 __all__ = [
     "AnalysisClickHouse",
     "ReportSettings",
+    "CohortRef",
+    "RowId",
     "check_range",
     "invalid",
     "load_editable_row",

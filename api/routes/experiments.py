@@ -39,7 +39,7 @@ from api.analyses.query import TimeRange
 from api.auth import ERROR_RESPONSES, Analyst, ApiError, CurrentPrincipal, DbSession, Role, forbidden, not_found
 from api.dashboards.models import Page
 from api.metadata.models import Experiment, ExperimentAssignment
-from api.routes.cohorts import AnalysisClickHouse, check_range, invalid, page_of, resolve_cohort
+from api.routes.cohorts import MAX_ID, AnalysisClickHouse, RowId, check_range, invalid, page_of, resolve_cohort
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"], responses=ERROR_RESPONSES)
 
@@ -142,14 +142,14 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
     )
 
 
-def _load(session: Any, experiment_id: int) -> Experiment:
+def _load(session: Any, experiment_id: RowId) -> Experiment:
     experiment = session.get(Experiment, experiment_id)
     if experiment is None:
         raise not_found(f"experiment {experiment_id}")
     return experiment
 
 
-def _load_editable(session: Any, experiment_id: int, principal: Any) -> Experiment:
+def _load_editable(session: Any, experiment_id: RowId, principal: Any) -> Experiment:
     experiment = _load(session, experiment_id)
     if not principal.at_least(Role.analyst):
         raise forbidden("this needs the analyst role")
@@ -201,14 +201,14 @@ def create_experiment(body: ExperimentIn, principal: Analyst, session: DbSession
 
 
 @router.get("/{experiment_id}", response_model=ExperimentOut, summary="Read an experiment")
-def get_experiment(experiment_id: int, principal: CurrentPrincipal, session: DbSession) -> ExperimentOut:
+def get_experiment(experiment_id: RowId, principal: CurrentPrincipal, session: DbSession) -> ExperimentOut:
     """An experiment with its status and dates."""
     return experiment_out(_load(session, experiment_id))
 
 
 @router.patch("/{experiment_id}", response_model=ExperimentOut, summary="Change an experiment or its status")
 def update_experiment(
-    experiment_id: int, body: ExperimentPatch, principal: CurrentPrincipal, session: DbSession
+    experiment_id: RowId, body: ExperimentPatch, principal: CurrentPrincipal, session: DbSession
 ) -> ExperimentOut:
     """Rename, redefine (draft only) or move the status along an allowed transition (409 otherwise)."""
     experiment = _load_editable(session, experiment_id, principal)
@@ -240,7 +240,7 @@ def update_experiment(
 
 
 @router.delete("/{experiment_id}", status_code=204, summary="Delete an experiment")
-def delete_experiment(experiment_id: int, principal: CurrentPrincipal, session: DbSession) -> None:
+def delete_experiment(experiment_id: RowId, principal: CurrentPrincipal, session: DbSession) -> None:
     """Delete an experiment that is not running (its assignments go with it)."""
     experiment = _load_editable(session, experiment_id, principal)
     if experiment.status == "running":
@@ -283,13 +283,13 @@ def assign(key: str, body: AssignIn, principal: CurrentPrincipal, session: DbSes
 
 @router.get("/{experiment_id}/results", response_model=ExperimentResult, summary="Experiment results")
 def results(
-    experiment_id: int,
+    experiment_id: RowId,
     principal: CurrentPrincipal,
     session: DbSession,
     client: AnalysisClickHouse,
     start: Annotated[datetime | None, Query(description="Default: when the experiment started.")] = None,
     end: Annotated[datetime | None, Query(description="Default: when it ended, or now.")] = None,
-    cohort_id: Annotated[int | None, Query()] = None,
+    cohort_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> ExperimentResult:
     """Per-variant conversion and metric with tests against control, SRM check, sample size, excluded people."""
     experiment = _load(session, experiment_id)

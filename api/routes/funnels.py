@@ -30,7 +30,10 @@ from api.auth import ERROR_RESPONSES, Analyst, CurrentPrincipal, DbSession
 from api.dashboards.models import Page
 from api.metadata.models import Funnel
 from api.routes.cohorts import (
+    MAX_ID,
     AnalysisClickHouse,
+    CohortRef,
+    RowId,
     check_range,
     invalid,
     load_editable_row,
@@ -77,7 +80,7 @@ class FunnelQuery(BaseModel):
 
     time_range: TimeRange
     filters: list[PropertyFilter] = Field(default_factory=list, max_length=50)
-    cohort_id: int | None = Field(None, description="Only people in this cohort (recomputed if stale).")
+    cohort_id: CohortRef | None = Field(None, description="Only people in this cohort (recomputed if stale).")
 
 
 class AdHocFunnelQuery(FunnelQuery):
@@ -162,13 +165,13 @@ def compute_adhoc(
 
 
 @router.get("/{funnel_id}", response_model=FunnelOut, summary="Read a funnel")
-def get_funnel(funnel_id: int, principal: CurrentPrincipal, session: DbSession) -> FunnelOut:
+def get_funnel(funnel_id: RowId, principal: CurrentPrincipal, session: DbSession) -> FunnelOut:
     """A funnel the caller can see."""
     return funnel_out(load_visible_row(session, Funnel, funnel_id, principal, "funnel"))
 
 
 @router.patch("/{funnel_id}", response_model=FunnelOut, summary="Change a funnel")
-def update_funnel(funnel_id: int, body: FunnelPatch, principal: CurrentPrincipal, session: DbSession) -> FunnelOut:
+def update_funnel(funnel_id: RowId, body: FunnelPatch, principal: CurrentPrincipal, session: DbSession) -> FunnelOut:
     """Change any part of the definition or the visibility (owner or admin)."""
     funnel = load_editable_row(session, Funnel, funnel_id, principal, "funnel")
     changes = body.model_dump(exclude_unset=True, mode="json")
@@ -186,7 +189,7 @@ def update_funnel(funnel_id: int, body: FunnelPatch, principal: CurrentPrincipal
 
 
 @router.delete("/{funnel_id}", status_code=204, summary="Delete a funnel")
-def delete_funnel(funnel_id: int, principal: CurrentPrincipal, session: DbSession) -> None:
+def delete_funnel(funnel_id: RowId, principal: CurrentPrincipal, session: DbSession) -> None:
     """Delete a funnel (owner or admin)."""
     session.delete(load_editable_row(session, Funnel, funnel_id, principal, "funnel"))
     session.commit()
@@ -194,7 +197,7 @@ def delete_funnel(funnel_id: int, principal: CurrentPrincipal, session: DbSessio
 
 @router.post("/{funnel_id}/compute", response_model=FunnelResult, summary="Compute a saved funnel")
 def compute_saved(
-    funnel_id: int, body: FunnelQuery, principal: CurrentPrincipal, session: DbSession, client: AnalysisClickHouse
+    funnel_id: RowId, body: FunnelQuery, principal: CurrentPrincipal, session: DbSession, client: AnalysisClickHouse
 ) -> FunnelResult:
     """Counts, conversion, drop-off, times to convert and breakdown over the range (any role that sees it)."""
     definition = definition_of(load_visible_row(session, Funnel, funnel_id, principal, "funnel"))
@@ -203,7 +206,7 @@ def compute_saved(
 
 @router.get("/{funnel_id}/people", response_model=FunnelPeople, summary="People at a funnel step")
 def people_at_step(
-    funnel_id: int,
+    funnel_id: RowId,
     principal: CurrentPrincipal,
     session: DbSession,
     client: AnalysisClickHouse,
@@ -213,7 +216,7 @@ def people_at_step(
     status: Annotated[Literal["reached", "dropped"], Query(description="Reached the step, or stopped after it.")] = (
         "reached"
     ),
-    cohort_id: Annotated[int | None, Query()] = None,
+    cohort_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     limit: int = Query(100, ge=1, le=10_000),
     offset: int = Query(0, ge=0, le=100_000_000),
 ) -> FunnelPeople:

@@ -23,7 +23,14 @@ from api.analyses.retention import (
     compute_retention,
 )
 from api.auth import ERROR_RESPONSES, CurrentPrincipal, DbSession
-from api.routes.cohorts import AnalysisClickHouse, ReportSettings, check_range, invalid, resolve_cohort
+from api.routes.cohorts import (
+    AnalysisClickHouse,
+    CohortRef,
+    ReportSettings,
+    check_range,
+    invalid,
+    resolve_cohort,
+)
 
 router = APIRouter(prefix="/v1/retention", tags=["retention"], responses=ERROR_RESPONSES)
 
@@ -33,7 +40,7 @@ class AnalysisScope(BaseModel):
 
     time_range: TimeRange
     filters: list[PropertyFilter] = Field(default_factory=list, max_length=50)
-    cohort_id: int | None = Field(None, description="Only people in this cohort (recomputed if stale).")
+    cohort_id: CohortRef | None = Field(None, description="Only people in this cohort (recomputed if stale).")
 
 
 class RetentionQuery(AnalysisScope):
