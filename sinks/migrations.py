@@ -246,6 +246,42 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        6,
+        "identity links keep every link, so the earliest one wins after merges",
+        (
+            # identities was a ReplacingMergeTree(linked_at) keyed by device: background merges kept a
+            # device's LATEST link while readers take the earliest (argMin), so a device later used by
+            # a second person changed owners after a merge. Links are now kept as inserted (one row per
+            # device per insert block) and readers' argMin decides. The links are derivable from
+            # events, so the table is rebuilt from them.
+            "DROP VIEW IF EXISTS identities_mv",
+            "DROP TABLE IF EXISTS identities",
+            """
+            CREATE TABLE IF NOT EXISTS identities (
+                anonymous_id String,
+                user_id String,
+                linked_at DateTime64(3, 'UTC')
+            )
+            ENGINE = MergeTree
+            ORDER BY (anonymous_id, linked_at)
+            """,
+            """
+            CREATE MATERIALIZED VIEW IF NOT EXISTS identities_mv TO identities AS
+            SELECT anonymous_id, argMin(uid, ts) AS user_id, min(ts) AS linked_at
+            FROM (SELECT anonymous_id, user_id AS uid, timestamp AS ts FROM events
+                  WHERE anonymous_id != '' AND user_id != '')
+            GROUP BY anonymous_id
+            """,
+            """
+            INSERT INTO identities
+            SELECT anonymous_id, argMin(user_id, timestamp), min(timestamp)
+            FROM events FINAL
+            WHERE anonymous_id != '' AND user_id != ''
+            GROUP BY anonymous_id
+            """,
+        ),
+    ),
 )
 
 
