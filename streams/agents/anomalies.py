@@ -29,7 +29,9 @@ The bank is one per worker process: run the anomaly agent on a single worker (th
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -153,8 +155,11 @@ class AnomalyAgent:
         self.grace_seconds = grace_seconds
         self.checkpoint_every = checkpoint_every
         self.wall_clock = wall_clock
+        # on_message (the event loop) and flush (a worker thread in the stream worker) meet here.
+        self._lock = threading.Lock()
         self.pending: list[MetricSnapshot] = []
-        self.unacked: list[Any] = []
+        self.unacked: list[Any] = []  # consumed since the last flush
+        self._processed: list[Any] = []  # reflected in the bank, acknowledged at the next checkpoint
         self.stream_ms: int | None = None  # latest period start seen
         self._stream_seen_at = 0.0  # wall time when it last advanced
         self._dirty = False  # found anomalies or consumed messages since the last checkpoint
@@ -178,14 +183,18 @@ class AnomalyAgent:
 
     def on_message(self, value: bytes | None, message: Any = None) -> None:
         """Take one ``metrics`` message (acknowledged once a checkpoint reflects it)."""
-        self.unacked.append(message)
+        snapshot: MetricSnapshot | None = None
         try:
             if not value:
                 raise SchemaError("empty message")
-            self.pending.append(MetricSnapshot.from_avro(self._codec.decode(value)))
+            snapshot = MetricSnapshot.from_avro(self._codec.decode(value))
         except (SchemaError, ValueError) as exc:
             SNAPSHOTS_SKIPPED.inc()
             log.warning("Skipping undecodable metric snapshot: %s", exc)
+        with self._lock:
+            self.unacked.append(message)
+            if snapshot is not None:
+                self.pending.append(snapshot)
 
     def now(self) -> datetime | None:
         """Stream time: the latest period start seen, advanced by the wall time since (None before any)."""
@@ -200,13 +209,16 @@ class AnomalyAgent:
         ``now`` overrides the stream clock (tests, backfills). Returns the anomalies published.
         """
         bank = self.bank
+        with self._lock:  # what was consumed so far, and exactly the messages it came from
+            pending, self.pending = self.pending, []
+            self._processed.extend(self.unacked)
+            self.unacked = []
         found: list[Anomaly] = []
-        for snapshot in ordered_snapshots(self.pending):
+        for snapshot in ordered_snapshots(pending):
             start_ms = int(snapshot.period_start.timestamp() * 1000)
             if self.stream_ms is None or start_ms > self.stream_ms:
                 self.stream_ms, self._stream_seen_at = start_ms, self.wall_clock()
             found.extend(bank.process(snapshot))
-        self.pending.clear()
         clock = now or self.now()
         if clock is not None:
             found.extend(bank.close_due(clock, self.grace_seconds))
@@ -217,7 +229,7 @@ class AnomalyAgent:
             for anomaly in found:
                 ANOMALIES_PUBLISHED.labels(anomaly.status.value).inc()
             self.outputs_durable()
-        self._dirty = self._dirty or bool(found) or bool(self.unacked)
+        self._dirty = self._dirty or bool(found) or bool(self._processed)
         due = self.wall_clock() - self._checkpointed_at >= self.checkpoint_every
         if self._dirty and (due or force_checkpoint):
             self.checkpoint()
@@ -228,10 +240,10 @@ class AnomalyAgent:
         self.save_state(encode_checkpoint(self.bank.to_bytes(), self.stream_ms))
         self._checkpointed_at = self.wall_clock()
         self._dirty = False
-        for message in self.unacked:
+        processed, self._processed = self._processed, []
+        for message in processed:
             if message is not None:
                 self.ack(message)
-        self.unacked.clear()
 
 
 def read_checkpoint(settings: Settings, timeout: float = 30.0) -> bytes | None:
@@ -345,7 +357,13 @@ def register_anomaly_agent(
     from tidemark.topics import METRICS
 
     ensure_state_topic(settings, max_message_bytes)
-    agent = build_anomaly_agent(settings, catalogue, publisher, outputs_durable, ack, max_message_bytes)
+    loop_ack: list[asyncio.AbstractEventLoop] = []
+
+    def ack_on_loop(message: Any) -> None:
+        # Faust's consumer is not thread-safe: acknowledgements go back to the event loop.
+        loop_ack[0].call_soon_threadsafe(ack, message)
+
+    agent = build_anomaly_agent(settings, catalogue, publisher, outputs_durable, ack_on_loop, max_message_bytes)
     metrics = app.topic(settings.topic(METRICS.name), key_type=bytes, value_type=bytes,
                         key_serializer="raw", value_serializer="raw")
 
@@ -354,9 +372,14 @@ def register_anomaly_agent(
         async for event in stream.noack().events():
             agent.on_message(event.message.value, event.message)
 
-    # Judging touches every series (close_due): not more often than once a second.
+    # Judging touches every series (close_due) and the checkpoint serialises the whole bank:
+    # that runs in a thread of its own, not on the event loop the other agents share, and
+    # not more often than once a second.
     @app.timer(max(settings.stream_flush_seconds, 1.0))
     async def judge() -> None:
-        agent.flush()
+        loop = asyncio.get_running_loop()
+        if not loop_ack:
+            loop_ack.append(loop)
+        await loop.run_in_executor(None, agent.flush)
 
     return agent
