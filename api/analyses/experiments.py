@@ -110,11 +110,12 @@ class MeanComparison(BaseModel):
     mean_treatment: float
     difference: float
     relative_lift: float | None
-    t: float
-    df: float
-    p_value: float
-    ci_low: float
-    ci_high: float
+    # None when Welch's test is undefined: both groups without variance (e.g. nobody converted).
+    t: float | None
+    df: float | None
+    p_value: float | None
+    ci_low: float | None
+    ci_high: float | None
     significant: bool
 
 
@@ -182,17 +183,22 @@ def compare_means(control: Sequence[float], treatment: Sequence[float], alpha: f
     result = stats.ttest_ind(a, b, equal_var=False)
     ci = result.confidence_interval(confidence_level=1 - alpha)
     mc, mt = float(b.mean()), float(a.mean())
+
+    def defined(value: float) -> float | None:
+        return float(value) if np.isfinite(value) else None
+
+    p_value = defined(result.pvalue)
     return MeanComparison(
         mean_control=mc,
         mean_treatment=mt,
         difference=mt - mc,
         relative_lift=(mt - mc) / mc if mc else None,
-        t=float(result.statistic),
-        df=float(result.df),
-        p_value=float(result.pvalue),
-        ci_low=float(ci.low),
-        ci_high=float(ci.high),
-        significant=bool(result.pvalue < alpha),
+        t=defined(result.statistic),
+        df=defined(result.df),
+        p_value=p_value,
+        ci_low=defined(ci.low),
+        ci_high=defined(ci.high),
+        significant=p_value is not None and p_value < alpha,
     )
 
 

@@ -95,3 +95,11 @@ def test_required_sample_size_by_solving_the_power_equation(baseline, mde):
     assert required_sample_size(baseline, mde) == math.ceil(n - TOL)
     # the classic approximation lands in the same place
     assert abs(required_sample_size(baseline, mde) - 2 * ((z + stats.norm.ppf(0.8)) / h) ** 2) < 2
+
+
+def test_welch_is_reported_undefined_when_neither_group_varies() -> None:
+    from api.analyses.experiments import compare_means
+
+    result = compare_means([0.0] * 50, [0.0] * 40)
+    assert (result.t, result.p_value, result.significant) == (None, None, False)
+    assert result.difference == 0.0
