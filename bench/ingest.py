@@ -374,24 +374,34 @@ def main() -> int:
             raise RuntimeError(f"the topic holds {on_topic} events, fewer than {count}: run without --skip sdk")
 
         engine = connect(f"chdb://{workdir / 'chdb'}")
-        if "sink" not in skip:
-            fresh_database(engine, "bench_sink")
-            results["sink"], cpu_rate = bench_sink(sdk_settings, engine, count)
-            per_cpu["sink"] = cpu_rate
+        # Whichever loop runs first on a fresh engine pays its warm-up (first parts, caches, page
+        # cache of the topic): measured alone, either loop loses about a third to it. So the two run
+        # in ABBA order (sink, bare, bare, sink), each into a fresh database, and each keeps its best.
+        order = [part for part in ("sink", "bare", "bare", "sink") if part not in skip]
+        runs: dict[str, list[tuple[float, float, int]]] = {"sink": [], "bare": []}
+        for i, part in enumerate(order):
+            fresh_database(engine, f"bench_{part}_{i}")
+            run_settings = sdk_settings.model_copy(update={"consumer_group_prefix": f"bench{run_id}.{i}"})
+            rate, cpu_rate = (bench_sink if part == "sink" else bench_bare)(run_settings, engine, count)
             stored = engine.query("SELECT count() FROM events FINAL").result_rows[0][0]
-            goal = "meets" if results["sink"] >= SINK_GOAL_EVENTS_PER_SECOND else "BELOW"
+            runs[part].append((rate, cpu_rate, stored))
+        if runs["sink"]:
+            rate, cpu_rate, stored = max(runs["sink"])
+            results["sink"], per_cpu["sink"] = rate, cpu_rate
+            goal = "meets" if rate >= SINK_GOAL_EVENTS_PER_SECOND else "BELOW"
             line(
                 "(c) raw sink -> ClickHouse (all offsets committed)",
-                results["sink"],
+                rate,
                 cpu_rate,
                 f"{stored:,} rows; goal >= {SINK_GOAL_EVENTS_PER_SECOND:,} ev/s: {goal}",
             )
-        if "bare" not in skip:
-            fresh_database(engine, "bench_bare")
-            results["bare"], cpu_rate = bench_bare(sdk_settings, engine, count)
-            per_cpu["bare"] = cpu_rate
-            stored = engine.query("SELECT count() FROM events FINAL").result_rows[0][0]
-            line("(d) bare consume + fastavro + column insert", results["bare"], cpu_rate, f"{stored:,} rows")
+        if runs["bare"]:
+            rate, cpu_rate, stored = max(runs["bare"])
+            results["bare"], per_cpu["bare"] = rate, cpu_rate
+            line("(d) bare consume + fastavro + column insert", rate, cpu_rate, f"{stored:,} rows")
+        for part, part_runs in runs.items():
+            if part_runs:
+                print(f"      {part} runs (ev/s, in order): " + ", ".join(f"{r[0]:,.0f}" for r in part_runs))
         if "sink" in results and "bare" in results:
             ratio = results["sink"] / results["bare"]
             goal = "meets" if ratio >= SINK_GOAL_RATIO else "BELOW"

@@ -19,8 +19,9 @@ True
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
+
+from api.analyses.experiments import assign_variant as assign
 
 CONTROL = "control"
 TREATMENT = "treatment"
@@ -39,25 +40,10 @@ AA_TEST = DemoExperiment("aa_test")
 BUILT_IN_EXPERIMENTS: tuple[DemoExperiment, ...] = (CHECKOUT_BUTTON, AA_TEST)
 
 
-def bucket(experiment: str, unit_id: str) -> float:
-    """A stable position in [0, 1) for ``unit_id`` within ``experiment``."""
-    digest = hashlib.sha256(f"{experiment}:{unit_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
 def assign_variant(
     experiment: str,
     unit_id: str,
     variants: tuple[tuple[str, float], ...] = ((CONTROL, 0.5), (TREATMENT, 0.5)),
 ) -> str:
-    """The variant ``unit_id`` sees in ``experiment``: hash bucket against cumulative weights."""
-    total = sum(weight for _, weight in variants)
-    if total <= 0:
-        raise ValueError("variant weights must sum to a positive number")
-    point = bucket(experiment, unit_id) * total
-    cumulative = 0.0
-    for name, weight in variants:
-        cumulative += weight
-        if point < cumulative:
-            return name
-    return variants[-1][0]
+    """The variant ``unit_id`` sees in ``experiment``: the same sticky hash assignment the API serves."""
+    return assign(experiment, unit_id, variants)
