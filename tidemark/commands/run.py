@@ -59,8 +59,8 @@ class ProcessGroup:
                 return name
         return None
 
-    def stop_all(self, timeout: float = 20.0) -> None:
-        """SIGTERM each child (newest first), wait, then SIGKILL what is left."""
+    def stop_all(self, timeout: float = 45.0) -> None:
+        """SIGTERM each child (newest first), wait, then SIGKILL what is left (the Faust worker is slow to stop)."""
         for name, proc in reversed(self.children):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
