@@ -54,6 +54,7 @@ from schemas.codec import HEADER_LENGTH, load_schema  # noqa: E402
 from schemas.models import AnalyticsEvent  # noqa: E402
 from sinks.clickhouse import connect, quote_identifier  # noqa: E402
 from sinks.migrations import apply_migrations  # noqa: E402
+from sinks.raw import EVENTS_SINK  # noqa: E402
 from tidemark.demo import TrafficConfig, generate_records  # noqa: E402
 from tidemark.demo.senders import to_segment_message  # noqa: E402
 from tidemark.localkafka import LocalKafka  # noqa: E402
@@ -64,19 +65,7 @@ from tidemark.tracker import Tracker  # noqa: E402
 SINK_GOAL_EVENTS_PER_SECOND = 50_000
 SINK_GOAL_RATIO = 0.8
 BARE_INSERT_ROWS = 50_000
-COLUMNS = (
-    "event_id",
-    "event_type",
-    "event_name",
-    "user_id",
-    "anonymous_id",
-    "session_id",
-    "timestamp",
-    "received_at",
-    "source",
-    "properties",
-    "context",
-)
+COLUMNS = EVENTS_SINK.columns  # the same row shape the raw sink writes
 
 
 def demo_records(count: int, seed: int) -> list[dict[str, Any]]:

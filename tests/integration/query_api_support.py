@@ -22,22 +22,11 @@ from api.app import install_error_handlers
 from api.auth import Role, find_or_create_user, issue_key
 from api.dashboards import close_query_api, open_query_api
 from api.routes import dashboards, keys, metrics
+from sinks.raw import EVENTS_SINK
 from tidemark.settings import Settings
 
 ADMIN_KEY = "test-admin-key"
-EVENT_COLUMNS = [
-    "event_id",
-    "event_type",
-    "event_name",
-    "user_id",
-    "anonymous_id",
-    "session_id",
-    "timestamp",
-    "received_at",
-    "source",
-    "properties",
-    "context",
-]
+EVENT_COLUMNS = list(EVENTS_SINK.columns)
 
 
 def build_app(ch: Client, tmp_path: Path, metadata_url: str | None = None, **overrides: Any) -> FastAPI:
