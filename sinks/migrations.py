@@ -26,6 +26,16 @@ from clickhouse_connect.driver.client import Client
 log = logging.getLogger(__name__)
 
 
+#: Columns of ``events_resolved`` besides ``person_id`` (the event's own, materialised ones included).
+_RESOLVED_COLUMNS = (
+    "event_id, event_type, event_name, user_id, anonymous_id, session_id, timestamp, received_at, properties, "
+    "context, amount, currency, project_id, community, category, country, device_type, utm_source"
+)
+_JOINED_COLUMNS = ", ".join(f"e.{name} AS {name}" for name in _RESOLVED_COLUMNS.split(", "))
+#: Version of an identity link: larger for earlier links, so merges keep a device's first person.
+_LINK_EARLINESS = "toUInt64(greatest(0, 99999999999999 - toUnixTimestamp64Milli(linked_at)))"
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step of the ClickHouse schema."""
@@ -279,6 +289,58 @@ MIGRATIONS: tuple[Migration, ...] = (
             FROM events FINAL
             WHERE anonymous_id != '' AND user_id != ''
             GROUP BY anonymous_id
+            """,
+        ),
+    ),
+    Migration(
+        7,
+        "identity links collapse to one per device; events_resolved joins only anonymous events",
+        (
+            # Links were kept as inserted: one row per device per insert block, so a busy device had
+            # thousands and every read grouped them all. Now merges keep the earliest link of each
+            # device (a ReplacingMergeTree keeps the row with the greatest version, so the version is
+            # the link time counted backwards); readers still take argMin, which is exact before
+            # merges too. Rebuilt from events like migration 6.
+            "DROP VIEW IF EXISTS identities_mv",
+            "DROP TABLE IF EXISTS identities",
+            f"""
+            CREATE TABLE IF NOT EXISTS identities (
+                anonymous_id String,
+                user_id String,
+                linked_at DateTime64(3, 'UTC'),
+                earliness UInt64 DEFAULT {_LINK_EARLINESS}
+            )
+            ENGINE = ReplacingMergeTree(earliness)
+            ORDER BY anonymous_id
+            """,
+            """
+            CREATE MATERIALIZED VIEW IF NOT EXISTS identities_mv TO identities AS
+            SELECT anonymous_id, argMin(uid, ts) AS user_id, min(ts) AS linked_at
+            FROM (SELECT anonymous_id, user_id AS uid, timestamp AS ts FROM events
+                  WHERE anonymous_id != '' AND user_id != '')
+            GROUP BY anonymous_id
+            """,
+            """
+            INSERT INTO identities (anonymous_id, user_id, linked_at)
+            SELECT anonymous_id, argMin(user_id, timestamp), min(timestamp)
+            FROM events FINAL
+            WHERE anonymous_id != '' AND user_id != ''
+            GROUP BY anonymous_id
+            """,
+            # An event with a user id is that person's: only events without one need the links.
+            # Splitting the two keeps the join to the (usually few) anonymous events; predicates
+            # on the view reach both branches.
+            f"""
+            CREATE OR REPLACE VIEW events_resolved AS
+            SELECT {_RESOLVED_COLUMNS}, user_id AS person_id
+            FROM events FINAL
+            WHERE user_id != ''
+            UNION ALL
+            SELECT {_JOINED_COLUMNS}, if(i.user_id != '', i.user_id, e.anonymous_id) AS person_id
+            FROM (SELECT {_RESOLVED_COLUMNS} FROM events FINAL WHERE user_id = '') AS e
+            LEFT ANY JOIN (
+                SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities GROUP BY anonymous_id
+            ) AS i ON i.anonymous_id = e.anonymous_id
             """,
         ),
     ),

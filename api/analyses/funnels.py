@@ -29,8 +29,9 @@ Orders:
   means "did *k* of the steps"; times are between the first time each step was done in that
   window, sorted. Exclusions are not defined for unordered funnels.
 
-Times to convert come from one attempt per person that reaches their level (a ``throwIf``
-guards that its length equals ``windowFunnel``'s level):
+Times to convert come from one attempt per person that reaches their level (for strict
+funnels a ``throwIf`` guards that its length equals ``windowFunnel``'s level; for ordered ones
+the tests compare the two, and the attempt alone is computed, which halves the cost):
 
 - ordered: the earliest step-1 event from which the level is reached, each next step being
   the first matching event at or after the previous step (array functions per step);
@@ -234,12 +235,8 @@ def _per_person_sql(
             "throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"
         )
     else:
-        level_cols = (
-            f"windowFunnel({definition.window_ms})(t, {conds}) AS wf_level, "
-            f"{_greedy_attempts(n, definition.window_ms)}, "
-            "toUInt8(length(chain)) AS level, "
-            "throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"
-        )
+        greedy = _greedy_attempts(n, definition.window_ms)
+        level_cols = f"{greedy}, toUInt8(length(chain)) AS level, toUInt8(0) AS guard"
     excl_arrays = "".join(f", groupArrayIf(t, x{j} = 1) AS xs{j}" for j in range(1, len(excl_conds) + 1))
     excluded_terms = []
     for j, x in enumerate(definition.exclusions, 1):
@@ -249,9 +246,10 @@ def _per_person_sql(
             f"if(level >= {b}, v < chain[{b}], v <= chain[1] + w), xs{j}))"
         )
     excluded = " OR ".join(excluded_terms) or "0"
+    breakdown_value = "argMinIf(bv, (t, bv), s1 = 1)" if definition.breakdown is not None else "''"
     return (
         f"SELECT person_id, {window} AS w, {level_cols}, "
-        f"argMinIf(bv, (t, bv), s1 = 1) AS breakdown_value{excl_arrays}, toUInt8({excluded}) AS excluded "
+        f"{breakdown_value} AS breakdown_value{excl_arrays}, toUInt8({excluded}) AS excluded "
         f"FROM ({rows}) GROUP BY person_id"
     )
 
@@ -262,13 +260,14 @@ def _greedy_attempts(n: int, window_ms: int) -> str:
     ``c{k}[i]`` is the time of step ``k`` in the attempt starting at the ``i``-th step-1 event
     (0 when it never got there): the first step-``k`` event at or after step ``k - 1`` and
     within ``start + window``. Taking the earliest next step is optimal for a fixed start, so
-    the best attempt's length equals ``windowFunnel``'s level (the guard checks it); the
+    the best attempt's length equals ``windowFunnel``'s level (the tests check it); the
     attempt reported is the earliest start reaching that level. Column-wise array functions,
     one per step, keep this fast (no per-event fold).
     """
     cols = [f"arraySort(groupArrayIf(t, s{k} = 1)) AS T{k}" for k in range(1, n + 1)]
     # Most people stop at step 1: only their first start matters, so skip the per-start work.
-    cols.append("if(wf_level >= 2, T1, arraySlice(T1, 1, 1)) AS c1")
+    # (Without a step-2 event at or after the first step-1 event, no start gets past step 1.)
+    cols.append("if(notEmpty(T2) AND T2[-1] >= T1[1], T1, arraySlice(T1, 1, 1)) AS c1" if n >= 2 else "T1 AS c1")
     for k in range(2, n + 1):
         cols.append(
             f"arrayMap((s, p) -> if(p = 0, toUInt64(0), "

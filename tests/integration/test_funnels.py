@@ -202,3 +202,22 @@ def test_times_come_from_the_earliest_start_that_converts(ch_db):
     got, _ = check(ch_db, events, definition)
     assert got.steps[1].count == 2
     assert got.time_to_convert.mean == pytest.approx((30 + 20) / 2)
+
+
+def test_ordered_levels_equal_clickhouse_window_funnel(ch_db):
+    """The ordered funnel's attempts reach exactly the level of ClickHouse's own ``windowFunnel``."""
+    events = _random_events(random.Random(41), people=150)
+    insert_events(ch_db, events)
+    definition = FunnelDefinition(name="wf", steps=steps("view", "cart", "pay"), window_seconds=2 * 3600)
+    got = compute_funnel(ch_db, definition, RANGE)
+    levels = ch_db.query(
+        "SELECT level, count() FROM ("
+        " SELECT person_id, windowFunnel({w:UInt64})(toUInt64(toUnixTimestamp64Milli(timestamp)),"
+        "  event_name = 'view', event_name = 'cart', event_name = 'pay') AS level"
+        " FROM events_resolved WHERE timestamp >= {s:DateTime64(3, 'UTC')} AND timestamp < {e:DateTime64(3, 'UTC')}"
+        " GROUP BY person_id) GROUP BY level",
+        parameters={"w": definition.window_ms, "s": START, "e": END},
+    ).result_rows
+    reached = dict(levels)
+    assert [s.count for s in got.steps] == [sum(c for lv, c in reached.items() if lv >= k) for k in (1, 2, 3)]
+    assert got.steps[-1].count > 0
