@@ -13,44 +13,56 @@ instead, where it is cheap to do so:
   snapshot (``metrics``: ReplacingMergeTree(computed_at) keyed by metric, period, period
   start and dimensions). Re-publishing one replaces it with the same value;
 - the only state that adds up (counts, sums, distinct sets, sessions) is checkpointed
-  together with the offset it reflects, in one message, and events are acknowledged only
+  together with the offset it reflects, in one message, and offsets are committed only
   up to the checkpoint (:mod:`streams.agents.events`). A restarted partition skips what
   its checkpoint already holds, so nothing is counted twice.
 
+Two stages, two consumer groups: ``events.raw`` is read by a librdkafka consumer in a
+thread of its own (group ``<prefix><stream_app_id>``; see :mod:`streams.agents.events`
+for why not a Faust agent), run as a service of this Faust app; the Faust agents (metric
+merging, anomalies) consume the far smaller ``metrics.partials`` and ``metrics`` topics
+in the group of :func:`agents_app_id`.
+
 Scaling: the unit of parallelism is a partition of ``events.raw`` (keyed by device, so a
-device's sessions stay on one worker). Start more workers with the same app id and
-Faust's consumer group spreads partitions and their checkpoints over them.
+device's sessions stay on one worker). Start more workers with the same settings and the
+``events.raw`` group spreads partitions (and with them their checkpoints) over them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import faust
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from mode import Service
 
 from schemas.codec import SchemaError
 from schemas.streams import metric_partial_codec
 from streams.agents.anomalies import register_anomaly_agent
-from streams.agents.events import EventsAgent
+from streams.agents.events import MAX_CHECKPOINT_BYTES, EventsConsumer, checkpoint_topic
 from streams.agents.metrics import MetricsAgent
 from streams.aggregators import compile_catalogue
 from streams.catalogue import get_catalogue
 from tidemark.settings import Settings
-from tidemark.topics import DAY_MS, EVENTS_RAW, METRICS, SESSIONS, TopicSpec, ensure_topics
+from tidemark.topics import DAY_MS, EVENTS_RAW, METRICS, TopicSpec, ensure_topics
 
 log = logging.getLogger(__name__)
 
 PARTIALS_TOPIC = "metrics.partials"
 PARTIALS_PARTITIONS = 6
-MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
 
 
 def faust_brokers(bootstrap: str) -> list[str]:
     """Faust's broker URLs (``kafka://host:port``) for a Kafka bootstrap list."""
     return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+
+
+def agents_app_id(settings: Settings) -> str:
+    """The Faust app id (and consumer group) of the agents downstream of ``events.raw``."""
+    return f"{settings.topic_prefix}{settings.stream_app_id}-agents"
 
 
 def replication_factor(settings: Settings) -> int:
@@ -66,18 +78,18 @@ def ensure_stream_topics(settings: Settings) -> None:
     missing from the first metadata it reads, and it then stays unassigned until the
     next rebalance.
     """
-    app_id = settings.stream_app_id
+    agents_id = agents_app_id(settings).removeprefix(settings.topic_prefix)
     compacted = "compact"
     ensure_topics(
         settings,
         (
             TopicSpec(PARTIALS_TOPIC, PARTIALS_PARTITIONS, retention_ms=DAY_MS),
-            TopicSpec(f"{app_id}-merged-windows-changelog", PARTIALS_PARTITIONS, -1, compacted),
+            TopicSpec(f"{agents_id}-merged-windows-changelog", PARTIALS_PARTITIONS, -1, compacted),
         ),
     )
     # A partition's checkpoint is one message (that is what makes it atomic), and a busy
     # partition's open windows can weigh megabytes: this topic takes messages that large.
-    name = settings.topic(f"{app_id}-partition-checkpoints-changelog")
+    name = checkpoint_topic(settings)
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     if name not in admin.list_topics(timeout=30).topics:
         topic = NewTopic(
@@ -95,8 +107,8 @@ def ensure_stream_topics(settings: Settings) -> None:
 
 
 def create_app(settings: Settings) -> faust.App:
-    """The Faust app of the stream worker, with both agents, the flush timer and the tables."""
-    app_id = f"{settings.topic_prefix}{settings.stream_app_id}"
+    """The Faust app of the stream worker: the events consumer (a service), the agents, the flush timer, the tables."""
+    app_id = agents_app_id(settings)
     datadir = settings.state_dir / "faust" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -120,21 +132,11 @@ def create_app(settings: Settings) -> faust.App:
     catalogue = get_catalogue(settings.metrics_file)
     aggregators = compile_catalogue(catalogue)
 
-    raw = app.topic(settings.topic(EVENTS_RAW.name), key_type=bytes, value_type=bytes,
-                    key_serializer="raw", value_serializer="raw")
     partials = app.topic(
         settings.topic(PARTIALS_TOPIC), key_type=bytes, value_type=bytes, key_serializer="raw",
         value_serializer="raw", partitions=PARTIALS_PARTITIONS, internal=True,
     )
-    # One checkpoint per events.raw partition (key = partition number); co-partitioned with it.
-    # (bytes values are stored raw; int/str keys as JSON.)
-    checkpoints = app.Table("partition-checkpoints", partitions=EVENTS_RAW.partitions,
-                            key_type=int, value_type=bytes)
     merged = app.Table("merged-windows", partitions=PARTIALS_PARTITIONS, key_type=str, value_type=bytes)
-
-    def save_checkpoint(partition: int, blob: bytes) -> None:
-        checkpoints.data[partition] = blob
-        checkpoints.send_changelog(partition, partition, blob)
 
     def ack(message: Any) -> None:
         message.ack(app.consumer)
@@ -163,16 +165,26 @@ def create_app(settings: Settings) -> faust.App:
         if producer.flush(60) != 0:
             raise RuntimeError("outputs were not delivered within 60 s; not acknowledging")
 
-    events_agent = EventsAgent(
-        settings,
-        aggregators,
-        publish_session=publisher(settings.topic(SESSIONS.name)),
-        publish_partial=publisher(settings.topic(PARTIALS_TOPIC)),
-        save_checkpoint=save_checkpoint,
-        load_checkpoint=lambda partition: checkpoints.data.get(partition),
-        ack=ack,
-        outputs_durable=outputs_durable,
-    )
+    events = EventsConsumer(settings, aggregators, settings.topic(PARTIALS_TOPIC))
+
+    @app.service
+    class EventsStage(Service):
+        """Runs the events consumer's thread while the worker runs; a failure there stops the worker."""
+
+        async def on_start(self) -> None:
+            events.start()
+
+        async def on_stop(self) -> None:
+            await asyncio.get_running_loop().run_in_executor(None, events.stop)
+
+        @Service.task
+        async def _watch(self) -> None:
+            while not self.should_stop:
+                if events.failure is not None or not events.running:
+                    await self.crash(events.failure or RuntimeError("the events consumer stopped"))
+                    return
+                await self.sleep(1.0)
+
     metrics_agent = MetricsAgent(
         aggregators,
         publish_snapshot=publisher(settings.topic(METRICS.name)),
@@ -180,12 +192,6 @@ def create_app(settings: Settings) -> faust.App:
         source_partitions=EVENTS_RAW.partitions,
     )
     partial_codec = metric_partial_codec()
-
-    @app.agent(raw, name="events")
-    async def process_events(stream: faust.StreamT) -> None:
-        async for event in stream.noack().events():
-            message = event.message
-            events_agent.on_message(message.partition, message.offset, message.value, message)
 
     @app.agent(partials, name="metrics")
     async def merge_partials(stream: faust.StreamT) -> None:
@@ -201,7 +207,6 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.timer(settings.stream_flush_seconds)
     async def flush() -> None:
-        events_agent.flush_all()
         # Snapshots are durable before the partials they came from are acknowledged.
         if metrics_agent.unacked:
             outputs_durable()
@@ -209,17 +214,12 @@ def create_app(settings: Settings) -> faust.App:
                 ack(message)
             metrics_agent.unacked.clear()
 
-    @app.on_partitions_revoked.connect
-    async def on_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
-        raw_name = settings.topic(EVENTS_RAW.name)
-        events_agent.forget({tp.partition for tp in revoked if tp.topic == raw_name})
-
     # Anomaly detection: metric snapshots -> anomalies, with its own flush timer and checkpoint.
     anomaly_agent = register_anomaly_agent(
         app, settings, catalogue, publisher, outputs_durable, ack, MAX_CHECKPOINT_BYTES
     )
 
-    app.tidemark_events_agent = events_agent  # type: ignore[attr-defined]
+    app.tidemark_events_consumer = events  # type: ignore[attr-defined]
     app.tidemark_anomaly_agent = anomaly_agent  # type: ignore[attr-defined]
     app.tidemark_metrics_agent = metrics_agent  # type: ignore[attr-defined]
     return app

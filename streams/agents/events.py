@@ -1,32 +1,44 @@
-"""The events agent: ``events.raw`` → sessions (topic ``sessions``) and per-partition metric partials.
+"""The events stage: ``events.raw`` → sessions (topic ``sessions``) and per-partition metric partials.
 
 For every partition of ``events.raw`` it holds a :class:`~streams.processor.PartitionProcessor`
 (identity links, open sessions, open metric windows). Every ``stream_flush_seconds`` (or
 ``stream_flush_events`` events) a partition is *flushed*:
 
 1. changed sessions are published to ``sessions`` and changed windows to
-   ``metrics.partials`` (full values under a key, never deltas), and the producer is
-   flushed: the outputs are durable;
+   ``metrics.partials`` (full values under a key, never deltas);
 2. at most every ``CHECKPOINT_EVERY_SECONDS`` (or when ``stream_flush_events`` events
-   wait), the partition's whole state and the offset it reflects are written, as ONE
-   message, to the checkpoint table's changelog (keyed by partition number);
-3. only then are the partition's events up to the checkpoint acknowledged.
+   wait), the outputs are made durable (the producer is flushed and every delivery
+   confirmed), then the partition's whole state and the offset it reflects are written,
+   as ONE message, to the partition's checkpoint (:func:`checkpoint_topic`, partition =
+   source partition) and made durable too;
+3. only then is the offset after it committed (:class:`EventsConsumer`).
 
-Faust commits acknowledged offsets after flushing its producer (outputs and checkpoint
-durable first). So the committed offset never passes the checkpoint: after a crash the
-partition restarts at or before the checkpoint, the processor restored from it skips
-what it already applied and re-publishes the same values for the rest. That is the
-processing guarantee: at-least-once delivery, exactly-once effect (see
-:mod:`streams.app` for why not Kafka transactions).
+So the committed offset never passes the checkpoint: after a crash the partition
+restarts at or before the checkpoint, the processor restored from it skips what it
+already applied and re-publishes the same values for the rest. That is the processing
+guarantee: at-least-once delivery, exactly-once effect (see :mod:`streams.app` for why
+not Kafka transactions).
+
+Why ``events.raw`` is read with librdkafka rather than through a Faust agent: Faust hands
+a stream one message at a time through its conductor, channels and event objects, which
+costs about 150 µs a message, so a Faust agent that does nothing at all tops out near 6,000
+events/s per worker; librdkafka hands over batches for about a microsecond a message. The
+consumer joins the group ``<prefix><stream_app_id>`` (the Faust agents downstream run in
+the group of :func:`streams.app.agents_app_id`), gets partitions by cooperative-sticky
+assignment, restores a partition from its checkpoint when it is assigned and checkpoints
+and commits it when it is revoked.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter
 
 from schemas.streams import metric_partial_codec, session_codec
@@ -53,7 +65,11 @@ PUBLISH_EVERY = {Period.minute: 5.0, Period.hour: 10.0, Period.day: 30.0, Period
 # at most this often, or when ``stream_flush_events`` events wait. A crash replays since then.
 CHECKPOINT_EVERY_SECONDS = 10.0
 
-FLUSHES = Counter("tidemark_stream_flushes_total", "Partition flushes (publish + checkpoint + ack).")
+FLUSHES = Counter("tidemark_stream_flushes_total", "Partition checkpoints (publish + checkpoint + commit).")
+
+# A checkpoint is one message (that is what makes it atomic); a busy partition's open windows can
+# weigh megabytes, so the checkpoint topic and its producer take messages this large.
+MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
 
 
 def session_record(session: SessionWindow) -> dict[str, Any]:
@@ -102,23 +118,71 @@ def window_key_text(metric: str, dimension: str, value: str, period: str, start:
     return f"{metric}|{period}|{start}|{dimension}|{value}"
 
 
+def checkpoint_topic(settings: Settings) -> str:
+    """The compacted topic of the partitions' checkpoints (partition p's checkpoint in its partition p)."""
+    return settings.topic(f"{settings.stream_app_id}-partition-checkpoints-changelog")
+
+
+def checkpoint_key(partition: int) -> bytes:
+    """The key of a partition's checkpoint message (the partition number, as JSON)."""
+    return str(partition).encode()
+
+
+def read_partition_checkpoint(settings: Settings, partition: int, timeout: float = 30.0) -> bytes | None:
+    """The latest checkpoint of source ``partition`` (``None`` when it has none yet).
+
+    Only the partition's owner writes its checkpoint partition, so the newest message
+    there is the newest checkpoint (compaction keeps the newest message of every key).
+    """
+    topic = checkpoint_topic(settings)
+    consumer = Consumer({
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": settings.group("partition-checkpoint-restore"),
+        "enable.auto.commit": False,
+        "fetch.message.max.bytes": MAX_CHECKPOINT_BYTES,
+        "receive.message.max.bytes": MAX_CHECKPOINT_BYTES + 1024 * 1024,
+    })
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+        if high <= low:
+            return None
+        start = max(low, high - 1)
+        consumer.assign([TopicPartition(topic, partition, start)])
+        key, latest, position = checkpoint_key(partition), None, start
+        deadline = time.monotonic() + timeout
+        while position < high:
+            message = consumer.poll(max(0.0, deadline - time.monotonic()))
+            if message is None:
+                raise RuntimeError(f"could not read the checkpoint of partition {partition} within {timeout} s")
+            if message.error():
+                continue
+            position = message.offset() + 1
+            if message.key() == key and message.value():
+                latest = message.value()
+        return latest
+    finally:
+        consumer.close()
+
+
 class EventsAgent:
-    """Stage one of the stream: per-partition state, flushed, checkpointed and acknowledged together.
+    """Stage one of the stream: per-partition state, flushed, checkpointed and committed together.
 
     ``publish_session``, ``publish_partial`` and ``save_checkpoint`` are the three ways
-    out (Faust topics and table in the worker; plain callables in the benchmark).
+    out; ``commit(partition, offset)`` is told that the partition's events up to
+    ``offset`` are reflected in a durable checkpoint (Kafka topics in the worker; plain
+    callables in the benchmark).
     """
 
     def __init__(
         self,
         settings: Settings,
         aggregators: dict[str, MetricAggregator],
-        publish_session: Any,
-        publish_partial: Any,
-        save_checkpoint: Any,
-        load_checkpoint: Any,
-        ack: Any,
-        outputs_durable: Any = lambda: None,
+        publish_session: Callable[[bytes, bytes], None],
+        publish_partial: Callable[[bytes, bytes], None],
+        save_checkpoint: Callable[[int, bytes], None],
+        load_checkpoint: Callable[[int], bytes | None],
+        commit: Callable[[int, int], None],
+        outputs_durable: Callable[[], None] = lambda: None,
     ) -> None:
         from datetime import timedelta
 
@@ -132,13 +196,17 @@ class EventsAgent:
         self.publish_partial = publish_partial
         self.save_checkpoint = save_checkpoint
         self.load_checkpoint = load_checkpoint
-        self.ack = ack
+        self.commit = commit
         self.outputs_durable = outputs_durable
         self.processors: dict[int, PartitionProcessor] = {}
-        self.unacked: dict[int, list[Any]] = defaultdict(list)
+        # Per partition: the last offset consumed, and how many events since the last checkpoint.
+        self.consumed: dict[int, int] = {}
+        self.waiting: dict[int, int] = defaultdict(int)
         self.flush_events = settings.stream_flush_events
         self._late_reported: dict[int, dict[str, int]] = defaultdict(dict)
         self._replayed: dict[int, int] = defaultdict(int)
+        self._applied = 0
+        self._undecodable = 0
         self._checkpointed_at: dict[int, float] = {}
         # Serialising a partition's state costs milliseconds to seconds: not at every flush.
         self.checkpoint_seconds = CHECKPOINT_EVERY_SECONDS
@@ -168,30 +236,29 @@ class EventsAgent:
             self.processors[partition] = processor
         return processor
 
-    def on_message(self, partition: int, offset: int, value: bytes, message: Any) -> None:
+    def on_message(self, partition: int, offset: int, value: bytes | None) -> None:
         """Apply one ``events.raw`` message; flush the partition when enough events piled up."""
-        processor = self.processor(partition)
-        unacked = self.unacked[partition]
-        unacked.append(message)
+        processor = self.processors.get(partition) or self.processor(partition)
+        self.consumed[partition] = offset
+        self.waiting[partition] += 1
         try:
-            event = StreamEvent.decode(value)
+            event = StreamEvent.decode(value or b"")
         except Exception as exc:  # never stop the stream: the raw sink dead-letters what it cannot read
-            EVENTS_SKIPPED.labels("undecodable").inc()
+            self._undecodable += 1
             log.warning("Skipping undecodable event at %d:%d: %s", partition, offset, exc)
-            return
-        if processor.process(event, offset):
-            EVENTS_PROCESSED.inc()
         else:
-            EVENTS_SKIPPED.labels("replayed").inc()
-            self._replayed[partition] += 1
-        if len(unacked) >= self.flush_events:
+            if processor.process(event, offset):
+                self._applied += 1
+            else:
+                self._replayed[partition] += 1
+        if self.waiting[partition] >= self.flush_events:
             self.flush(partition)
 
-    def flush(self, partition: int) -> None:
-        """Publish, checkpoint, then acknowledge one partition (the order is the guarantee)."""
+    def flush(self, partition: int, force_checkpoint: bool = False) -> None:
+        """Publish; when due, make it durable, checkpoint, then commit (the order is the guarantee)."""
         processor = self.processors.get(partition)
-        unacked = self.unacked.get(partition)
-        if processor is None or not (unacked or processor.metrics.dirty):
+        waiting = self.waiting.get(partition, 0)
+        if processor is None or not (waiting or processor.metrics.dirty or force_checkpoint):
             return
         started = time.monotonic()
         result = processor.flush(now=started)
@@ -201,33 +268,32 @@ class EventsAgent:
             key = window_key_text(partial.metric, partial.dimension, partial.dimension_value,
                                   partial.period.value, partial.period_start)
             self.publish_partial(key.encode(), self._partial_codec.encode(partial_record(partial)))
+        self._count_applied()
         due = started - self._checkpointed_at.get(partition, -1e18) >= self.checkpoint_seconds
-        if not (due or len(unacked) >= self.flush_events):
+        if not (due or waiting >= self.flush_events or force_checkpoint):
             self._report_late(partition, processor)
-            return  # published; checkpoint and acknowledgement wait for the next checkpoint
+            return  # published; checkpoint and commit wait for the next checkpoint
         self._checkpointed_at[partition] = started
         self.outputs_durable()
         self.save_checkpoint(partition, processor.checkpoint())
-        count = 0
-        if unacked:
-            for message in unacked:
-                self.ack(message)
-            count = len(unacked)
-            unacked.clear()
+        if partition in self.consumed:
+            self.commit(partition, self.consumed[partition])
+        self.waiting[partition] = 0
         FLUSHES.inc()
         replayed = self._replayed.pop(partition, 0)
         if replayed:
+            EVENTS_SKIPPED.labels("replayed").inc(replayed)
             log.info("Partition %d: skipped %d redelivered events already applied in its checkpoint",
                      partition, replayed)
         self._report_late(partition, processor)
         log.debug(
-            "Flushed partition %d: %d events, %d sessions, %d partials, %d sessions expired in %.3fs",
-            partition, count, len(result.sessions), len(result.partials), result.expired_sessions,
+            "Checkpointed partition %d: %d events, %d sessions, %d partials, %d sessions expired in %.3fs",
+            partition, waiting, len(result.sessions), len(result.partials), result.expired_sessions,
             time.monotonic() - started,
         )
 
     def flush_all(self) -> None:
-        """Flush every partition with unacknowledged events (the periodic timer)."""
+        """Flush every partition (the periodic timer)."""
         for partition in list(self.processors):
             self.flush(partition)
 
@@ -235,10 +301,21 @@ class EventsAgent:
         """Partitions moved to another worker: drop their state (the new owner restores the checkpoint)."""
         for partition in partitions:
             self.processors.pop(partition, None)
-            dropped = self.unacked.pop(partition, [])
+            self.consumed.pop(partition, None)
+            dropped = self.waiting.pop(partition, 0)
+            self._checkpointed_at.pop(partition, None)
             if dropped:
-                log.info("Partition %d revoked: %d unacknowledged events will be replayed by its new owner",
-                         partition, len(dropped))
+                log.info("Partition %d revoked: %d events not checkpointed will be replayed by its new owner",
+                         partition, dropped)
+
+    def _count_applied(self) -> None:
+        # Counted here, not per event: a metric's lock costs as much as a small event's processing.
+        if self._applied:
+            EVENTS_PROCESSED.inc(self._applied)
+            self._applied = 0
+        if self._undecodable:
+            EVENTS_SKIPPED.labels("undecodable").inc(self._undecodable)
+            self._undecodable = 0
 
     def _report_late(self, partition: int, processor: PartitionProcessor) -> None:
         seen = self._late_reported[partition]
@@ -249,3 +326,176 @@ class EventsAgent:
                 log.warning("Partition %d: %d events later than the %s grace (left to the batch recompute)",
                             partition, new, period)
                 seen[period] = count
+
+
+class EventsConsumer:
+    """Reads ``events.raw`` with librdkafka in a thread of its own and drives an :class:`EventsAgent`.
+
+    Sessions, partials and checkpoints go out through one librdkafka producer whose every
+    delivery is confirmed before a checkpoint counts as durable; offsets are committed
+    only up to what a durable checkpoint reflects, and at most every
+    ``stream_commit_seconds``. A failure stops the thread and is kept in :attr:`failure`
+    (the worker then stops: whatever was not checkpointed is replayed by the next owner).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        aggregators: dict[str, MetricAggregator],
+        partials_topic: str,
+        batch_size: int = 5_000,
+    ) -> None:
+        from tidemark.topics import EVENTS_RAW, SESSIONS
+
+        self.settings = settings
+        self.topic = settings.topic(EVENTS_RAW.name)
+        # The group the stream worker has always consumed events.raw in (committed offsets carry over).
+        self.group = f"{settings.topic_prefix}{settings.stream_app_id}"
+        self.batch_size = batch_size
+        self.failure: BaseException | None = None
+        self._checkpoints = checkpoint_topic(settings)
+        self._delivery_failures: list[str] = []
+        self.producer = Producer({
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "enable.idempotence": True,
+            "linger.ms": 20,
+            "queue.buffering.max.messages": 1_000_000,
+            "message.max.bytes": MAX_CHECKPOINT_BYTES,
+            "on_delivery": self._delivered,
+        })
+        self._to_commit: dict[int, int] = {}
+        self.agent = EventsAgent(
+            settings,
+            aggregators,
+            publish_session=self._publisher(settings.topic(SESSIONS.name)),
+            publish_partial=self._publisher(partials_topic),
+            save_checkpoint=self._save_checkpoint,
+            load_checkpoint=lambda partition: read_partition_checkpoint(settings, partition),
+            commit=self._checkpointed,
+            outputs_durable=self.outputs_durable,
+        )
+        self._stopping = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start consuming (returns at once)."""
+        self._thread = threading.Thread(target=self._run, name="events-consumer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 25.0) -> None:
+        """Checkpoint and commit every partition, leave the group, and wait for the thread."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        """Whether the consuming thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def outputs_durable(self) -> None:
+        """Wait until everything produced so far is delivered; raise if anything was not."""
+        if self.producer.flush(60) != 0:
+            raise RuntimeError("outputs were not delivered within 60 s; not checkpointing")
+        if self._delivery_failures:
+            raise RuntimeError(f"outputs were not delivered ({self._delivery_failures[0]}); not checkpointing")
+
+    def _delivered(self, error: KafkaError | None, message: Any) -> None:
+        if error is not None:
+            self._delivery_failures.append(f"{message.topic()}: {error}")
+
+    def _publisher(self, topic: str) -> Callable[[bytes, bytes], None]:
+        produce, poll = self.producer.produce, self.producer.poll
+
+        def publish(key: bytes, value: bytes) -> None:
+            while True:
+                try:
+                    produce(topic, value, key)
+                    return
+                except BufferError:  # local queue full: let deliveries drain
+                    poll(0.05)
+
+        return publish
+
+    def _save_checkpoint(self, partition: int, blob: bytes) -> None:
+        self.producer.produce(self._checkpoints, blob, checkpoint_key(partition), partition=partition)
+        self.outputs_durable()
+
+    def _checkpointed(self, partition: int, offset: int) -> None:
+        self._to_commit[partition] = offset + 1
+
+    def _commit(self, consumer: Consumer, partitions: set[int] | None = None) -> None:
+        offsets = [
+            TopicPartition(self.topic, partition, offset)
+            for partition, offset in self._to_commit.items()
+            if partitions is None or partition in partitions
+        ]
+        if not offsets:
+            return
+        consumer.commit(offsets=offsets, asynchronous=False)
+        for tp in offsets:
+            if self._to_commit.get(tp.partition) == tp.offset:
+                del self._to_commit[tp.partition]
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {tp.partition for tp in partitions if tp.topic == self.topic}
+        if not self._closing:
+            # Hand over cleanly: the next owner starts right after what is checkpointed here.
+            for partition in revoked & set(self.agent.processors):
+                self.agent.flush(partition, force_checkpoint=True)
+            self._commit(consumer, revoked)
+        self.agent.forget(revoked)
+        for partition in revoked:
+            self._to_commit.pop(partition, None)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        lost = {tp.partition for tp in partitions if tp.topic == self.topic}
+        log.warning("Partitions %s lost to another worker: their state is dropped, not committed", sorted(lost))
+        self.agent.forget(lost)
+        for partition in lost:
+            self._to_commit.pop(partition, None)
+
+    def _run(self) -> None:
+        settings = self.settings
+        consumer = Consumer({
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": self.group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+        })
+        flush_every = settings.stream_flush_seconds
+        commit_every = settings.stream_commit_seconds
+        try:
+            consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
+            flushed_at = committed_at = time.monotonic()
+            on_message = self.agent.on_message
+            while not self._stopping.is_set():
+                for message in consumer.consume(self.batch_size, timeout=min(0.2, flush_every)):
+                    error = message.error()
+                    if error is not None:
+                        if error.fatal():
+                            raise KafkaException(error)
+                        log.warning("Consumer error on %s: %s", self.topic, error)
+                        continue
+                    on_message(message.partition(), message.offset(), message.value())
+                now = time.monotonic()
+                if now - flushed_at >= flush_every:
+                    self.agent.flush_all()
+                    self.producer.poll(0)  # serve delivery reports
+                    flushed_at = now
+                if self._to_commit and now - committed_at >= commit_every:
+                    self._commit(consumer)
+                    committed_at = now
+            # Stopping: checkpoint and commit every partition, so the next owner replays nothing.
+            for partition in list(self.agent.processors):
+                self.agent.flush(partition, force_checkpoint=True)
+            self._commit(consumer)
+            log.info("Events consumer stopped: %d partitions checkpointed and committed", len(self.agent.processors))
+        except BaseException as exc:
+            self.failure = exc
+            log.exception("Events consumer failed; the worker stops (the next owner replays from the checkpoint)")
+        finally:
+            self._closing = True
+            consumer.close()

@@ -12,11 +12,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from schemas.codec import event_codec
 from schemas.models import AnalyticsEvent
 from tidemark.settings import Settings
+
+# Errors a broker answers with while a group's coordinator is being elected or loaded.
+COORDINATOR_MOVING = (
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+)
 
 
 class WorkerProcess:
@@ -126,11 +133,22 @@ class TopicReader:
 
 
 def committed_offsets(settings: Settings, group: str, topic: str, partitions: int) -> int:
-    """Sum of the group's committed offsets over the topic's partitions."""
+    """Sum of the group's committed offsets over the topic's partitions.
+
+    While the group's coordinator moves or loads (a new group on a fresh broker) the
+    broker answers with a retriable error: asked again until it answers, for 30 s at most.
+    """
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    deadline = time.monotonic() + 30
     try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return sum(max(tp.offset, 0) for tp in tps)
+        while True:
+            try:
+                tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+                return sum(max(tp.offset, 0) for tp in tps)
+            except KafkaException as exc:
+                error = exc.args[0]
+                if time.monotonic() > deadline or not (error.retriable() or error.code() in COORDINATOR_MOVING):
+                    raise
     finally:
         consumer.close()
 
