@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.dashboards.cache import DashboardWarmer, WidgetCache
 from tidemark.settings import Settings
 
 
@@ -42,10 +43,63 @@ def open_query_api(app: FastAPI, settings: Settings, clickhouse: Any) -> None:
     state.metrics_engine_factory = lambda: MetricsEngine(
         clickhouse, catalogue, settings.report_timezone, settings.week_start
     )
+    state.widget_cache = WidgetCache()
+    state.dashboard_warmer = DashboardWarmer(
+        lambda dashboard_id, share: warm_dashboard(state, dashboard_id, share),
+        lambda: prebuilt_ids(sessions),
+        settings.dashboard_warm_seconds,
+    )
+    if settings.dashboard_warm_seconds > 0:
+        state.dashboard_warmer.start()
+
+
+def prebuilt_ids(sessions: Any) -> list[int]:
+    """Ids of the pre-built dashboards."""
+    from sqlalchemy import select
+
+    from api.metadata.models import Dashboard
+
+    with sessions() as session:
+        return list(session.scalars(select(Dashboard.id).where(Dashboard.prebuilt_slug.is_not(None))))
+
+
+def warm_dashboard(state: Any, dashboard_id: int, max_age_share: float) -> int:
+    """Recompute the default view of a dashboard's widgets whose cached result is old; return how many."""
+    from api.dashboards.cache import widget_key
+    from api.dashboards.models import DashboardFilters
+    from api.dashboards.widgets import WidgetContext, resolve, widget_window
+    from api.metadata.models import Dashboard, SavedQuery
+
+    computed = 0
+    with state.metadata_sessions() as session:
+        dashboard = session.get(Dashboard, dashboard_id)
+        if dashboard is None:
+            return 0
+        ctx = WidgetContext(
+            engine=state.metrics_engine_factory(),
+            client=state.query_clickhouse,
+            filters=DashboardFilters.model_validate(dashboard.default_filters),
+            week_start=state.week_start,
+            sql_max_seconds=state.sql_max_seconds,
+            sql_max_rows=state.sql_max_rows,
+            saved_query=lambda sid: session.get(SavedQuery, sid),
+        )
+        window = widget_window(ctx)
+        for widget in dashboard.widgets:
+            key = widget_key(widget, ctx.filters, ctx.week_start, window.start, window.end)
+            age = state.widget_cache.age(key)
+            if age is not None and age < max_age_share * widget.refresh_seconds:
+                continue
+            state.widget_cache.put(key, resolve(widget, ctx))
+            computed += 1
+    return computed
 
 
 def close_query_api(app: FastAPI) -> None:
     """Release the metadata database's connections."""
+    warmer = getattr(app.state, "dashboard_warmer", None)
+    if warmer is not None:
+        warmer.stop()
     engine = getattr(app.state, "metadata_engine", None)
     if engine is not None:
         engine.dispose()

@@ -260,3 +260,5 @@ class WidgetData(BaseModel):
     value: float | None = None
     previous_value: float | None = None
     change: float | None = None
+    computed_at: datetime | None = Field(None, description="When this result was computed.")
+    cached: bool = Field(False, description="Served from the cache (younger than the widget's refresh interval).")

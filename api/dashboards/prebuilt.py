@@ -31,28 +31,18 @@ CARD_COST_RATE = 0.022
 CARD_COST_FIXED = 0.20
 
 RETENTION_SQL = """
-WITH weekly AS (
-    -- people as events_resolved stitches them; identity links read only for this range's anonymous ids
-    SELECT multiIf(e.user_id != '', e.user_id, i.user_id != '', i.user_id, e.anonymous_id) AS person_id,
-           toDate(e.timestamp, {tz:String})
-             - ((toDayOfWeek(toDate(e.timestamp, {tz:String})) + 7 - {week_start:UInt8}) % 7) AS w
-    FROM (
-        SELECT user_id, anonymous_id, timestamp FROM events FINAL
-        WHERE timestamp >= {start:DateTime64(3, 'UTC')} - INTERVAL 14 DAY AND timestamp < {end:DateTime64(3, 'UTC')}
-    ) AS e
-    LEFT JOIN (
-        SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities
-        WHERE anonymous_id IN (
-            SELECT anonymous_id FROM events
-            WHERE user_id = '' AND timestamp >= {start:DateTime64(3, 'UTC')} - INTERVAL 14 DAY
-              AND timestamp < {end:DateTime64(3, 'UTC')})
-        GROUP BY anonymous_id
-    ) AS i ON i.anonymous_id = e.anonymous_id
-    GROUP BY person_id, w
+WITH per_person AS (
+    -- every person's active weeks (people as events_resolved stitches them)
+    SELECT person_id,
+           groupUniqArray(toDate(timestamp, {tz:String})
+             - ((toDayOfWeek(toDate(timestamp, {tz:String})) + 7 - {week_start:UInt8}) % 7)) AS weeks
+    FROM events_resolved
+    WHERE timestamp >= {start:DateTime64(3, 'UTC')} - INTERVAL 14 DAY AND timestamp < {end:DateTime64(3, 'UTC')}
+    GROUP BY person_id
 )
 SELECT toDateTime(week, {tz:String}) AS t,
        countIf(has(weeks, week) AND has(weeks, week - 7)) / countIf(has(weeks, week - 7)) AS retention_rate
-FROM (SELECT person_id, groupUniqArray(w) AS weeks FROM weekly GROUP BY person_id)
+FROM per_person
 ARRAY JOIN arrayDistinct(arrayConcat(weeks, arrayMap(x -> x + 7, weeks))) AS week
 WHERE week >= toDate({start:DateTime64(3, 'UTC')}, {tz:String})
   AND toDateTime(week, {tz:String}) < {end:DateTime64(3, 'UTC')}

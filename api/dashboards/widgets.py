@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import TypeAdapter
 
+from api.dashboards.cache import WidgetCache, widget_key
 from api.dashboards.models import (
     AnalysisSource,
     DashboardFilters,
@@ -92,13 +93,10 @@ def merge_filters(defaults: DashboardFilters, overrides: dict[str, Any]) -> Dash
     return DashboardFilters.model_validate(data)
 
 
-def resolve(widget: DashboardWidget, ctx: WidgetContext) -> WidgetData:
-    """The chart-ready data of ``widget`` under ``ctx.filters``."""
-    source = DATA_SOURCE.validate_python(widget.data_source)
+def _base_query(ctx: WidgetContext) -> tuple[MetricQuery, ZoneInfo]:
     filters = ctx.filters
     zone = ZoneInfo(filters.timezone or ctx.engine.timezone)
-    now = ctx.now or datetime.now(UTC)
-    base_query = MetricQuery(
+    query = MetricQuery(
         range=filters.range,
         start=filters.start,
         end=filters.end,
@@ -106,9 +104,43 @@ def resolve(widget: DashboardWidget, ctx: WidgetContext) -> WidgetData:
         filters=list(filters.filters),
         timezone=zone.key,
     )
+    return query, zone
+
+
+def widget_window(ctx: WidgetContext) -> TimeWindow:
+    """The instants the widgets cover under ``ctx.filters`` (relative ranges: whole local days)."""
+    query, zone = _base_query(ctx)
+    return resolve_window(query, zone, ctx.now or datetime.now(UTC))
+
+
+def resolve_cached(
+    widget: DashboardWidget, ctx: WidgetContext, cache: WidgetCache, refresh: bool = False
+) -> WidgetData:
+    """``resolve`` through the cache: a result younger than the widget's refresh interval is reused.
+
+    ``refresh`` recomputes (and re-caches) regardless of age.
+    """
+    window = widget_window(ctx)
+    key = widget_key(widget, ctx.filters, ctx.week_start, window.start, window.end)
+    if not refresh:
+        hit = cache.get(key, float(widget.refresh_seconds))
+        if hit is not None:
+            return hit
+    data = resolve(widget, ctx)
+    cache.put(key, data)
+    return data
+
+
+def resolve(widget: DashboardWidget, ctx: WidgetContext) -> WidgetData:
+    """The chart-ready data of ``widget`` under ``ctx.filters``."""
+    source = DATA_SOURCE.validate_python(widget.data_source)
+    filters = ctx.filters
+    base_query, zone = _base_query(ctx)
+    now = ctx.now or datetime.now(UTC)
     window = resolve_window(base_query, zone, now)
     widget_type = WidgetType(widget.widget_type)
     common: dict[str, Any] = {
+        "computed_at": datetime.now(UTC),
         "widget_id": widget.id,
         "widget_type": widget_type,
         "start": window.start.astimezone(zone),

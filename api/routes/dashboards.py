@@ -41,7 +41,7 @@ from api.dashboards.models import (
     WidgetPatch,
     WidgetType,
 )
-from api.dashboards.widgets import WidgetContext, WidgetDataError, merge_filters, resolve
+from api.dashboards.widgets import WidgetContext, WidgetDataError, merge_filters, resolve_cached
 from api.metadata.models import Dashboard, DashboardShare, DashboardWidget, SavedQuery, User
 from api.metrics_query import DimensionFilter, Granularity, QueryError, RelativeRange, UnknownMetric
 
@@ -295,8 +295,15 @@ def widget_data(
     end: Annotated[datetime | date | None, Query(description="Override: range end, exclusive.")] = None,
     granularity: Annotated[Granularity | None, Query()] = None,
     filter: Annotated[list[str] | None, Query(description="dimension:op:value, repeatable")] = None,  # noqa: A002
+    refresh: Annotated[
+        bool, Query(description="Recompute even if a cached result younger than the refresh interval exists.")
+    ] = False,
 ) -> WidgetData:
-    """Resolve a widget into chart-ready data with the dashboard's filters and these overrides."""
+    """Resolve a widget into chart-ready data with the dashboard's filters and these overrides.
+
+    Results are reused while younger than the widget's ``refresh_seconds`` (see
+    ``computed_at`` and ``cached`` in the response); ``refresh=true`` recomputes.
+    """
     dashboard, _ = load_visible(session, dashboard_id, principal)
     widget = _widget_of(dashboard, widget_id)
     overrides: dict[str, Any] = {"range": range, "start": start, "end": end, "granularity": granularity}
@@ -316,8 +323,10 @@ def widget_data(
         sql_max_rows=state.sql_max_rows,
         saved_query=lambda sid: session.get(SavedQuery, sid),
     )
+    if not filter and all(value is None for value in overrides.values()):
+        state.dashboard_warmer.viewed(dashboard_id)
     try:
-        return resolve(widget, ctx)
+        return resolve_cached(widget, ctx, state.widget_cache, refresh=refresh)
     except UnknownMetric as exc:
         raise ApiError(404, "unknown_metric", f"metric {exc.args[0]!r} is not in the catalogue") from exc
     except WidgetDataError as exc:

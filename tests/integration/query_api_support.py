@@ -31,6 +31,8 @@ EVENT_COLUMNS = list(EVENTS_SINK.columns)
 
 def build_app(ch: Client, tmp_path: Path, metadata_url: str | None = None, **overrides: Any) -> FastAPI:
     """The query API over database ``ch`` with metadata at ``metadata_url`` (default: SQLite in tmp_path)."""
+    # No background warming unless a test asks for it: tests call ``warm_once`` when they mean it.
+    overrides.setdefault("dashboard_warm_seconds", 0)
     settings = Settings(
         metadata_url=metadata_url or f"sqlite:///{tmp_path / 'metadata.db'}",
         admin_api_key=ADMIN_KEY,
