@@ -293,6 +293,14 @@ _SKIP: Any = _Skip()
 SKIP: Any = _SKIP
 
 
+def _count_one(event: StreamEvent) -> int:
+    return 1
+
+
+def _no_value(event: StreamEvent) -> None:
+    return None
+
+
 def condition_predicate(condition: Condition) -> Callable[[StreamEvent], bool]:
     """A predicate implementing ``condition`` with ClickHouse's JSONExtract semantics."""
     read = field_reader(condition.field)
@@ -387,6 +395,22 @@ class MetricAggregator:
         readers = self._value_readers
         read = readers.get("") or readers.get(event.event_name)
         return as_number(read(event)) if read is not None else None
+
+    def observer(self, event_name: str) -> Callable[[StreamEvent], Any]:
+        """:meth:`observe` for events named ``event_name``, which passed the name filter (the hot path)."""
+        if self._parts is not None or self._predicates:
+            return self.observe
+        agg = self.definition.aggregation
+        if agg is Aggregation.count:
+            return _count_one
+        if agg is Aggregation.distinct:
+            assert self._distinct_reader is not None
+            read = self._distinct_reader
+            return lambda event: as_text(read(event))
+        value_read = self._value_readers.get("") or self._value_readers.get(event_name)
+        if value_read is None:
+            return _no_value
+        return lambda event: as_number(value_read(event))
 
     def observe_session(self, session: Any) -> tuple[str, float]:
         """A session's contribution to a session metric: (session id, value)."""

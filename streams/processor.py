@@ -18,13 +18,14 @@ key, so the ones re-published after a crash replace, never add.
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+
+import orjson
 
 from streams.aggregators import MetricAggregator, decode_state, encode_state
 from streams.periods import Period, PeriodCalendar
@@ -130,14 +131,15 @@ class PartitionProcessor:
             "pending": [[*k, encode_state(v)] for k, v in metrics.pending.items()],
             "windows": [[k[0], k[1], k[2], k[3].value, k[4], encode_state(v)] for k, v in metrics.windows.items()],
             "dirty": [[k[0], k[1], k[2], k[3].value, k[4]] for k in metrics.dirty],
-            "open_sessions": [asdict(s) for s in self.sessions.open.values()],
-            "dirty_sessions": [asdict(s) for s in self.sessions.dirty.values()],
+            # orjson writes a (slotted) dataclass as the object of its fields, as asdict would.
+            "open_sessions": list(self.sessions.open.values()),
+            "dirty_sessions": list(self.sessions.dirty.values()),
         }
-        return zlib.compress(json.dumps(document, separators=(",", ":")).encode(), 1)
+        return zlib.compress(orjson.dumps(document), 1)
 
     def restore(self, blob: bytes) -> None:
         """Resume from a :meth:`checkpoint` (windows of metrics no longer in the catalogue are dropped)."""
-        document = json.loads(zlib.decompress(blob))
+        document = orjson.loads(zlib.decompress(blob))
         if document.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown checkpoint format {document.get('format')!r}")
         known = self.metrics.aggregators

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 from schemas.streams import MetricSnapshot, dimensions_key  # noqa: F401  (re-exported)
 from streams.aggregators import SKIP, MetricAggregator
 from streams.catalogue import Source
-from streams.events import StreamEvent, as_text, field_reader
+from streams.events import StreamEvent, field_reader
 from streams.periods import MINUTE_MS, Period, PeriodCalendar
 from streams.sessions import SessionWindow
 
@@ -97,10 +97,13 @@ class WindowedMetrics:
         self.publish_every: dict[Period, float] = {}
         self._published_at: dict[Period, float] = {}
         self.ends: dict[WindowKey, int] = {}
-        self._event_groups: dict[str, list[_SharedObservation]] = {}
+        self._routes: dict[str, _EventRoute] = {}
         self._groups = _share_observations(a for a in self.aggregators.values() if a.source is Source.events)
         self._session_aggs = [a for a in self.aggregators.values() if a.source is Source.sessions]
         self._session_aggs_names = {a.name for a in self._session_aggs}
+        # Session dimensions are SessionWindow attributes of the same name.
+        self._session_plan = [(a, tuple(a.dimensions), tuple(a.periods)) for a in self._session_aggs]
+        self._session_periods = sorted({p for a in self._session_aggs for p in a.periods})
         self._stitched = {a.name for a in self.aggregators.values() if a.stitched}
         self._new_links: dict[str, tuple[str, int]] = {}
         used = {d for a in self.aggregators.values() if a.source is Source.events for d in a.dimensions}
@@ -109,14 +112,24 @@ class WindowedMetrics:
         self._dim_readers = {d: field_reader(DIMENSIONS[d]) for d in sorted(used)}
 
     def _groups_for(self, event_name: str) -> list[_SharedObservation]:
-        groups = self._event_groups.get(event_name)
-        if groups is None:
+        return self._route(event_name).groups
+
+    def _route(self, event_name: str) -> _EventRoute:
+        # Which metrics an event of this name feeds is decided once per name, not per event.
+        route = self._routes.get(event_name)
+        if route is None:
             groups = [
                 g for g in self._groups.values()
                 if g.agg.event_names is None or event_name in g.agg.event_names
             ]
-            self._event_groups[event_name] = groups
-        return groups
+            dims = sorted({d for g in groups for d in g.dimensions})
+            route = _EventRoute(
+                groups,
+                [(g, g.agg.observer(event_name)) for g in groups],
+                [(d, self._dim_readers[d]) for d in dims],
+            )
+            self._routes[event_name] = route
+        return route
 
     def _window(self, wkey: WindowKey, agg: MetricAggregator) -> Any:
         acc = self.windows.get(wkey)
@@ -132,21 +145,25 @@ class WindowedMetrics:
             self.watermark = ts
         minute = ts - ts % MINUTE_MS
         on_time = minute + MINUTE_MS + self.grace_ms > self.watermark
-        values = {d: as_text(read(event)) for d, read in self._dim_readers.items()}
+        route = self._route(event.event_name)
+        present = []
+        for dim, read in route.dimensions:
+            value = read(event)
+            if value and isinstance(value, str):  # as_text: only strings are dimension values
+                present.append((dim, value))
         pending = self.pending
         late_periods: set[str] = set()
-        for group in self._groups_for(event.event_name):
-            agg = group.agg
-            observation = agg.observe(event)
+        keysets: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+        for group, observe in route.observers:
+            observation = observe(event)
             if observation is SKIP:
                 continue
-            keys = [("", "")]
-            for dim in group.dimensions:
-                value = values[dim]
-                if value:
-                    keys.append((dim, value))
+            dims = group.dimensions
+            keys = keysets.get(dims)
+            if keys is None:
+                keys = keysets[dims] = [("", ""), *(kv for kv in present if kv[0] in dims)]
             if on_time:
-                gid = group.id
+                gid, agg = group.id, group.agg
                 for dim, value in keys:
                     pkey = (gid, dim, value, minute)
                     acc = pending.get(pkey)
@@ -180,44 +197,47 @@ class WindowedMetrics:
         Lateness is decided when the session's first event arrives, not at the next flush
         (by then the watermark may have moved past a short window that was open on arrival).
         """
-        for agg in self._session_aggs:
-            keys = [("", "")]
-            for dim in agg.dimensions:
-                value = session.dimension(dim)
-                if value:
-                    keys.append((dim, value))
-            for period in agg.periods:
-                start, end = self.calendar.bounds(period, session.started_at)
+        windows, closed_before = self.windows, self.watermark - self.grace_ms
+        bounds = self._session_bounds(session.started_at)
+        for agg, dims, periods in self._session_plan:
+            keys = [("", ""), *((d, v) for d in dims if (v := getattr(session, d)))]
+            for period in periods:
+                start, end = bounds[period]
                 for dim, value in keys:
                     wkey = (agg.name, dim, value, period, start)
-                    if wkey in self.windows:
+                    if wkey in windows:
                         continue
-                    if end + self.grace_ms <= self.watermark:
+                    if end <= closed_before:
                         self.late_events[f"session_{period.value}"] += 1
                         continue
-                    self._window(wkey, agg)
+                    windows[wkey] = agg.new()
+                    self.ends[wkey] = end
 
     def add_sessions(self, sessions: Iterable[SessionWindow]) -> None:
         """Fold session updates into the session metrics' windows (by the session's start)."""
         if not self._session_aggs:
             return
+        windows, dirty = self.windows, self.dirty
         for session in sessions:
-            for agg in self._session_aggs:
-                keys = [("", "")]
-                for dim in agg.dimensions:
-                    value = session.dimension(dim)
-                    if value:
-                        keys.append((dim, value))
+            bounds = self._session_bounds(session.started_at)
+            for agg, dims, periods in self._session_plan:
+                keys = [("", ""), *((d, v) for d in dims if (v := getattr(session, d)))]
                 observation = agg.observe_session(session)
-                for period in agg.periods:
-                    start = self.calendar.bounds(period, session.started_at)[0]
+                name = agg.name
+                for period in periods:
+                    start = bounds[period][0]
                     for dim, value in keys:
-                        wkey = (agg.name, dim, value, period, start)
-                        acc = self.windows.get(wkey)
+                        wkey = (name, dim, value, period, start)
+                        acc = windows.get(wkey)
                         if acc is None:  # the session was late when it started (counted then)
                             continue
                         acc.add(observation)
-                        self.dirty.add(wkey)
+                        dirty.add(wkey)
+
+    def _session_bounds(self, started_at: int) -> dict[Period, tuple[int, int]]:
+        # The periods around a session's start, computed once for all session metrics.
+        bounds = self.calendar.bounds
+        return {period: bounds(period, started_at) for period in self._session_periods}
 
     def rename_person(self, old: str, new: str, ts: int) -> None:
         """Identity stitching, learned from an event at ``ts``: ``old`` is ``new`` in every window still open.
@@ -462,6 +482,22 @@ def _person_counters(acc: Any) -> list[Any]:
     if isinstance(acc, RatioAccumulator):
         return [p.counter for p in (acc.num, acc.den) if isinstance(p, DistinctAccumulator)]
     return []
+
+
+class _EventRoute:
+    """What an event of one name feeds: metric groups, their observers, the dimensions to read."""
+
+    __slots__ = ("groups", "observers", "dimensions")
+
+    def __init__(
+        self,
+        groups: list[_SharedObservation],
+        observers: list[tuple[_SharedObservation, Callable[[StreamEvent], Any]]],
+        dimensions: list[tuple[str, Callable[[StreamEvent], Any]]],
+    ) -> None:
+        self.groups = groups
+        self.observers = observers
+        self.dimensions = dimensions
 
 
 class _SharedObservation:

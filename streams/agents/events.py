@@ -38,6 +38,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter
 
@@ -98,8 +99,6 @@ def session_record(session: SessionWindow) -> dict[str, Any]:
 
 def partial_record(partial: MetricPartial) -> dict[str, Any]:
     """The ``metric_partial.avsc`` record of a partial."""
-    import json
-
     return {
         "metric": partial.metric,
         "period": partial.period.value,
@@ -109,7 +108,7 @@ def partial_record(partial: MetricPartial) -> dict[str, Any]:
         "dimensionValue": partial.dimension_value,
         "partition": partial.partition,
         "watermark": partial.watermark,
-        "state": json.dumps(encode_state(partial.state), separators=(",", ":")),
+        "state": orjson.dumps(encode_state(partial.state)).decode(),
     }
 
 

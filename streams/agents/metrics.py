@@ -16,6 +16,7 @@ import time
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
 from prometheus_client import Counter
 
 from schemas.streams import metric_snapshot_codec
@@ -42,7 +43,7 @@ def decode_partial(record: dict[str, Any]) -> MetricPartial:
         dimension_value=record["dimensionValue"],
         partition=record["partition"],
         watermark=record["watermark"],
-        state=decode_state(json.loads(record["state"])),
+        state=decode_state(orjson.loads(record["state"])),
     )
 
 
@@ -104,7 +105,7 @@ class MetricsAgent:
         for source in entry["partitions"]:
             state = self.store.get(f"{key}#{source}")
             if state is not None:
-                parts[int(source)] = decode_state(json.loads(state))
+                parts[int(source)] = decode_state(orjson.loads(state))
         self.merger.ends[partial.window_key] = entry["end"]
 
     def evict(self) -> int:
