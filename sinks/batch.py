@@ -111,7 +111,11 @@ class SinkSpec:
 class PendingBatch:
     """Rows consumed but not yet durable, with the offset range they came from per partition."""
 
-    rows: list[Row] = field(default_factory=list)
+    # The rows column by column (the insert's shape), filled as messages arrive: keeping one
+    # tuple per row alive until the insert cost a fifth more CPU per event (allocation, the
+    # garbage collector's passes over them, and the transposition before the insert).
+    columns: list[list[Any]] = field(default_factory=list)
+    row_count: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
     # (topic, partition) -> [first offset, last offset]
     ranges: dict[tuple[str, int], list[int]] = field(default_factory=dict)
@@ -119,6 +123,14 @@ class PendingBatch:
     opened_at: float = field(default_factory=time.monotonic)
     dead_lettered: int = 0
     write_seconds: float = 0.0
+
+    def add_row(self, row: Row) -> None:
+        """Append one row (values in the sink's column order)."""
+        if not self.columns:
+            self.columns = [[] for _ in row]
+        for column, value in zip(self.columns, row, strict=True):
+            column.append(value)
+        self.row_count += 1
 
     def track(self, topic: str, partition: int, offset: int) -> None:
         """Record that the message at ``offset`` belongs to this batch."""
@@ -255,7 +267,7 @@ class BatchSink:
             while not self._stop.is_set():
                 self._settle()
                 self._hand_over()
-                full = len(self._batch.rows) >= max_rows
+                full = self._batch.row_count >= max_rows
                 if full and self._inflight is not None:
                     # The writer is busy with the previous batch: wait for it rather than pause,
                     # because pausing makes librdkafka drop the messages it has prefetched.
@@ -263,7 +275,7 @@ class BatchSink:
                     continue
                 # Full while a failed batch waits out its backoff (maybe long): stop fetching, keep polling.
                 self._set_paused(full)
-                room = max(max_rows - len(self._batch.rows), 1)
+                room = max(max_rows - self._batch.row_count, 1)
                 messages = consumer.consume(num_messages=min(room, CONSUME_CHUNK), timeout=self._poll_timeout())
                 if messages:
                     self._add(messages)
@@ -295,7 +307,7 @@ class BatchSink:
         batch = self._batch
         if not batch.messages:
             batch.opened_at = time.monotonic()
-        rows, ranges = batch.rows, batch.ranges
+        add_row, ranges = batch.add_row, batch.ranges
         to_row = self.to_row
         tracked = 0
         for message in messages:
@@ -307,11 +319,11 @@ class BatchSink:
                     log.warning("%s: consumer error: %s", self.name, error)
                 continue
             try:
-                rows.append(to_row(message))
+                add_row(to_row(message))
             except UndecodableMessage as exc:
                 row = self.undecodable(message, exc)
                 if row is not None:
-                    rows.append(row)
+                    add_row(row)
             # PendingBatch.track, inlined: this loop runs once per message.
             key, offset = (message.topic(), message.partition()), message.offset()
             span = ranges.get(key)  # type: ignore[arg-type]
@@ -324,7 +336,7 @@ class BatchSink:
 
     def _due(self, batch: PendingBatch) -> bool:
         return bool(batch.messages) and (
-            len(batch.rows) >= self.settings.sink_batch_max_rows
+            batch.row_count >= self.settings.sink_batch_max_rows
             or time.monotonic() - batch.opened_at >= self.settings.sink_batch_max_seconds
         )
 
@@ -370,7 +382,7 @@ class BatchSink:
         self.insert_failures += 1
         metrics.INSERT_FAILURES.labels(**self._labels).inc()
         log.warning("%s: could not make %d rows from %d partitions durable (retry in %.1fs): %s",
-                    self.name, len(batch.rows), len(batch.ranges), self._backoff, error)
+                    self.name, batch.row_count, len(batch.ranges), self._backoff, error)
 
     def _commit(self, batch: PendingBatch) -> None:
         """THE DURABLE POINT: the batch's rows are in ClickHouse, so its offsets may now be committed."""
@@ -389,7 +401,7 @@ class BatchSink:
         self.committed_messages += batch.messages
         metrics.COMMITTED_MESSAGES.labels(**self._labels).inc(batch.messages)
         log.info("Inserted %d rows into %s (%d dead letters) from %d partitions in %.2fs, committed in %.3fs",
-                 len(batch.rows), self.spec.table, batch.dead_lettered, len(batch.ranges), batch.write_seconds,
+                 batch.row_count, self.spec.table, batch.dead_lettered, len(batch.ranges), batch.write_seconds,
                  time.monotonic() - started)
 
     def _make_all_durable(self, deadline: float, retry: bool) -> bool:
@@ -437,13 +449,13 @@ class BatchSink:
         """Deliver the batch's dead letters and insert its rows; raise if either fails."""
         started = time.monotonic()
         self._deliver_dead_letters(batch)
-        if batch.rows:
+        if batch.row_count:
             self.insert_batch(batch)
         batch.write_seconds = time.monotonic() - started
 
     def insert_batch(self, batch: PendingBatch) -> None:
         """One insert of the whole batch, deduplicated by its offset ranges."""
-        columns = list(zip(*batch.rows, strict=True))
+        columns = batch.columns
         settings = {
             "insert_deduplication_token": batch.dedup_token(),
             # A batch spanning many months (a backfill) must not be refused forever.
@@ -467,9 +479,9 @@ class BatchSink:
                 settings=settings,
             )
         metrics.INSERT_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
-        metrics.BATCH_ROWS.labels(**self._labels).observe(len(batch.rows))
-        metrics.ROWS_INSERTED.labels(**self._labels).inc(len(batch.rows))
-        self.rows_inserted += len(batch.rows)
+        metrics.BATCH_ROWS.labels(**self._labels).observe(batch.row_count)
+        metrics.ROWS_INSERTED.labels(**self._labels).inc(batch.row_count)
+        self.rows_inserted += batch.row_count
 
     def _deliver_dead_letters(self, batch: PendingBatch) -> None:
         """Produce the batch's dead letters and wait until the broker has every one of them."""

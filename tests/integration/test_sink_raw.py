@@ -109,7 +109,7 @@ def test_exact_retry_is_dropped_by_the_token(sink_settings: Settings, ch_db: Cli
     sink = RawEventSink(sink_settings, ch_db)  # not started: only its insert is used
     batch = PendingBatch()
     for offset, event in enumerate(make_events(30, seed=3)):
-        batch.rows.append(
+        batch.add_row(
             (event["id"], event["eventType"], event["eventName"], event["userId"] or "", event["anonymousId"], "",
              event["timestamp"], event["timestamp"], "sdk", event["properties"], event["context"])
         )
@@ -188,7 +188,7 @@ def test_a_batch_spanning_many_months_is_accepted(sink_settings: Settings, ch_db
     month_millis = 31 * 24 * 3600 * 1000
     for offset, event in enumerate(make_events(150, seed=8)):
         stamp = 1_000_000_000_000 + offset * month_millis  # 2001-09 onwards, one month apart
-        batch.rows.append((event["id"], "action", "login", "u", "", "", stamp, stamp, "sdk", "{}", "{}"))
+        batch.add_row((event["id"], "action", "login", "u", "", "", stamp, stamp, "sdk", "{}", "{}"))
         batch.track(sink.topic, 0, offset)
     sink.insert_batch(batch)
     months = ch_db.query("SELECT uniqExact(toYYYYMM(timestamp)), count() FROM events FINAL").result_rows[0]
