@@ -409,6 +409,9 @@ DEFINITIONS: tuple[MetricDefinition, ...] = (
     MetricDefinition("projects_per_community", "Projects created per community creating projects.", "ratio",
                      Aggregation.ratio, numerator="projects_created", denominator="communities_with_projects",
                      dimensions=("category", "country"), periods=_DAY_UP),
+    # Reliability
+    MetricDefinition("errors", "Errors people ran into (error events).", "count", Aggregation.count,
+                     events=("error",), dimensions=_PEOPLE),
 )
 
 CATALOGUE = Catalogue(DEFINITIONS)

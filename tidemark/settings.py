@@ -93,8 +93,19 @@ class Settings(BaseSettings):
     # Anomaly detection (streams/anomaly/) and alert delivery (consumers/alerts/)
     anomaly_detector: str = Field("seasonal_likelihood", description="Detector of every series (registry name).")
     anomaly_detector_params: dict[str, Any] = Field(
-        default_factory=lambda: {"inner_params": {"slot_window": 24, "min_slot_obs": 3}},
+        default_factory=lambda: {
+            "inner_params": {
+                "slot_window": 24, "min_slot_obs": 3, "min_scale_obs": 8, "min_scale": 0.5, "judge_constant": False
+            }
+        },
         description="Its parameters (JSON).",
+    )
+    anomaly_periods: list[str] = Field(
+        default_factory=lambda: ["hour", "day"], description="Periods whose series are watched (JSON list)."
+    )
+    anomaly_dimensions: list[str] = Field(
+        default_factory=list,
+        description="Dimension breakdowns watched besides each metric's total (JSON list, e.g. [\"country\"]).",
     )
     anomaly_severity_thresholds: dict[str, float] = Field(
         default_factory=lambda: {"low": 4.0, "medium": 5.5, "high": 7.0, "critical": 9.0},

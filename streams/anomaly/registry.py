@@ -11,7 +11,13 @@ the Holt-Winters forecast residual there (NAB standard 64.7 against at best 36.9
 39.8 for the likelihood of the Holt-Winters residual). NAB's series are
 sampled every few minutes and trust a season slot after 8 values; hourly business series
 would need 8 weeks for that, so the series bank's default (:data:`BUSINESS_PARAMS`) trusts
-the hour-of-week slot after 3 weeks (NAB standard 54.0 with that setting).
+the hour-of-week slot's median after 3 weeks (NAB standard 54.0 with that setting), takes
+the spread from the hour-of-day slot until the weekly slot holds 8 values (a MAD of three
+values made clean demo traffic page several times a week), never trusts a spread below half
+the series' recent spread (small counts' slots often look calmer than they are, and the
+raw scores they produce would swamp the likelihood's sense of normal), and does not score a series
+that has been constant over its recent window (a rare event's first occurrence against
+a history of zeros is not an incident).
 
 >>> build_detector("seasonal_robust_z", {"warm_up": 10}).warm_up
 10
@@ -35,7 +41,11 @@ DEFAULT_DETECTOR = "seasonal_likelihood"
 #: Inner settings of the default, chosen once on the whole NAB corpus.
 SEASONAL_INNER = {"slot_window": 24, "min_slot_obs": 8}
 #: Parameters of the default detector for business series (hourly/daily periods).
-BUSINESS_PARAMS: dict[str, Any] = {"inner_params": {"slot_window": 24, "min_slot_obs": 3}}
+BUSINESS_PARAMS: dict[str, Any] = {
+    "inner_params": {
+        "slot_window": 24, "min_slot_obs": 3, "min_scale_obs": 8, "min_scale": 0.5, "judge_constant": False
+    }
+}
 
 DETECTORS: dict[str, DetectorFactory] = {
     "seasonal_robust_z": SeasonalRobustZ,

@@ -23,7 +23,17 @@ slot_window
 recent_window
     Values remembered for the season-less baseline.
 min_slot_obs
-    Values a season slot needs before it is trusted.
+    Values a season slot needs before its median is trusted as the expected value.
+min_scale_obs
+    Values a season slot needs before its spread is trusted (default: ``min_slot_obs``).
+    A MAD of three values is mostly luck: with a higher bar the spread comes from the
+    next, broader season (hour of day instead of hour of week) until the slot has enough
+    values, so a young weekly slot does not turn ordinary noise into a page.
+judge_constant
+    Whether to score a series whose recent window holds one repeated value (False: score 0).
+    A rare event's count (0, 0, 0, ...) has no measured noise: against a spread of nothing,
+    its first occurrence would be infinitely unusual. Business series use False; the NAB
+    corpus, whose flat stretches end in real anomalies, keeps True.
 warm_up
     Observations before any non-zero score.
 timezone
@@ -115,6 +125,8 @@ class SeasonalRobustZ(SeriesDetector):
         warm_up: int = 48,
         timezone: str = "UTC",
         min_scale: float = 0.1,
+        min_scale_obs: int | None = None,
+        judge_constant: bool = True,
     ) -> None:
         for season in seasons:
             season_slot(season, datetime(2024, 1, 1))  # fail on a typo at construction, not on data
@@ -125,6 +137,8 @@ class SeasonalRobustZ(SeriesDetector):
         self.warm_up = warm_up
         self.timezone = timezone
         self.min_scale = min_scale
+        self.min_scale_obs = min_slot_obs if min_scale_obs is None else min_scale_obs
+        self.judge_constant = judge_constant
         self._zone = ZoneInfo(timezone)
         self._slots: dict[str, deque[float]] = {}
         self._recent: deque[float] = deque(maxlen=recent_window)
@@ -140,10 +154,18 @@ class SeasonalRobustZ(SeriesDetector):
             return None
         recent_location, recent_scale = robust_location_scale(self._recent)
         location, scale = recent_location, recent_scale
+        located = False
         for key in self._keys(x["t"]):
             slot = self._slots.get(key)
-            if slot is not None and len(slot) >= self.min_slot_obs:
+            if slot is None:
+                continue
+            if not located and len(slot) >= self.min_slot_obs:
                 location, scale = robust_location_scale(slot)
+                located = True
+                if len(slot) >= self.min_scale_obs:
+                    break
+            elif located and len(slot) >= self.min_scale_obs:
+                scale = robust_location_scale(slot)[1]  # the broader season's spread, from enough values
                 break
         floor = max(self.min_scale * recent_scale, 1e-9 * max(1.0, abs(location)))
         return location, max(scale, floor)
@@ -156,6 +178,8 @@ class SeasonalRobustZ(SeriesDetector):
     def score_one(self, x: Observation) -> float:
         """Robust z-score of ``x["value"]``; 0 during warm-up."""
         if self.n_seen < self.warm_up:
+            return 0.0
+        if not self.judge_constant and self._recent and min(self._recent) == max(self._recent):
             return 0.0
         found = self.baseline(x)
         if found is None:

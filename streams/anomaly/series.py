@@ -1,7 +1,14 @@
 """The detector bank: one detector and one alert lifecycle per series, fed metric snapshots.
 
 A *series* is one metric, one period (minute, hour, day, ...) and one set of dimension
-values (``signups`` per ``hour`` for ``country=DE``). :meth:`DetectorBank.process` takes one
+values (``signups`` per ``hour`` for ``country=DE``). The bank watches the periods and
+dimension breakdowns its configuration names (:attr:`BankConfig.periods`,
+:attr:`BankConfig.dimensions`); the settings' default is every metric's total per hour
+and per day. Minute windows of a business metric are mostly counting noise, and every breakdown value
+is one more series that can page: at one-in-ten-thousand per series and period, a
+thousand breakdown series page several times a day on perfectly clean traffic.
+Breakdowns are opted into by name (``TIDEMARK_ANOMALY_DIMENSIONS='["country"]'``).
+:meth:`DetectorBank.process` takes one
 :class:`~schemas.streams.MetricSnapshot` and returns the :class:`~schemas.anomaly.Anomaly`
 messages to publish on ``anomalies``:
 
@@ -68,6 +75,7 @@ STATE_FORMAT = 1
 MAX_GAP_FILL = 1000  # periods filled with zeros at most, per gap
 MAX_FILL_STEP_MS = 8 * 24 * 3600 * 1000  # months vary in length: only fixed-length periods are filled
 RESOLVED_BY_DETECTOR = "detector"
+DEFAULT_PERIODS: tuple[str, ...] = ("hour", "day")
 
 
 class SnapshotLike(Protocol):
@@ -90,6 +98,8 @@ class BankConfig:
     severity_thresholds: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
     recovery: int = 5
     resolve_ratio: float = 0.5
+    periods: tuple[str, ...] = DEFAULT_PERIODS
+    dimensions: tuple[str, ...] | None = None  # breakdowns watched; None: all of them
 
     @classmethod
     def from_settings(cls, settings: Any) -> BankConfig:
@@ -100,7 +110,21 @@ class BankConfig:
             severity_thresholds=dict(settings.anomaly_severity_thresholds),
             recovery=settings.anomaly_recovery_periods,
             resolve_ratio=settings.anomaly_resolve_ratio,
+            periods=tuple(settings.anomaly_periods),
+            dimensions=tuple(settings.anomaly_dimensions),
         )
+
+    def watches(self, period: str, dimensions: Mapping[str, str]) -> bool:
+        """Whether series of this period and breakdown are watched (totals of a watched period always are).
+
+        >>> config = BankConfig(periods=("hour",), dimensions=("country",))
+        >>> [config.watches("hour", {}), config.watches("hour", {"country": "DE"}),
+        ...  config.watches("hour", {"device": "mobile"}), config.watches("minute", {})]
+        [True, True, False, False]
+        """
+        if period not in self.periods:
+            return False
+        return self.dimensions is None or all(name in self.dimensions for name in dimensions)
 
     @property
     def identity(self) -> str:
@@ -196,8 +220,11 @@ class DetectorBank:
         """Take one snapshot; return the anomaly messages (new, escalated or resolved episodes) to publish.
 
         The snapshot's period is held until complete; what is returned concerns the
-        previous period of the series, judged now because a later one began.
+        previous period of the series, judged now because a later one began. Snapshots of
+        series the configuration does not watch are ignored.
         """
+        if not self.config.watches(snapshot.period, snapshot.dimensions):
+            return []
         key = series_key(snapshot.metric_type, snapshot.period, snapshot.dimensions)
         watch = self._series.get(key)
         if watch is None:
@@ -381,6 +408,8 @@ class DetectorBank:
             )
             return bank
         for key, watch_state in state["series"].items():
-            bank._series[key] = bank._load_watch(watch_state)
+            _metric, period, _ = key.split("|", 2)
+            if bank.config.watches(period, _dimensions_from_key(key)):  # no longer watched: dropped
+                bank._series[key] = bank._load_watch(watch_state)
         log.info("Restored anomaly detectors of %d series", len(bank._series))
         return bank

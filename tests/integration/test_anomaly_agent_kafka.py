@@ -115,6 +115,7 @@ def settings(kafka_settings: Settings) -> Settings:
         "anomaly_detector_params": {"warm_up": 24, "min_slot_obs": 3},
         "anomaly_severity_thresholds": {"low": 5.0, "medium": 8.0, "high": 12.0, "critical": 20.0},
         "anomaly_recovery_periods": 2,
+        "anomaly_dimensions": ["country"],
         "stream_grace_seconds": GRACE.total_seconds(),
     })
     ensure_state_topic(configured, 1024 * 1024)
