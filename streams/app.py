@@ -126,6 +126,8 @@ def create_app(settings: Settings) -> faust.App:
         web_bind="127.0.0.1",
         table_cleanup_interval=3600.0,
         producer_acks=-1,
+        # The merged-windows table writes every partial's state (sets of thousands of ids) to its changelog.
+        producer_compression_type="lz4",
         producer_max_request_size=MAX_CHECKPOINT_BYTES,
         consumer_max_fetch_size=MAX_CHECKPOINT_BYTES,
     )

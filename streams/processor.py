@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import lz4.frame
 import orjson
 
 from streams.aggregators import MetricAggregator, decode_state, encode_state
@@ -35,6 +36,7 @@ from streams.windows import DEFAULT_GRACE, MetricPartial, WindowedMetrics
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+LZ4_FRAME_MAGIC = b"\x04\x22\x4d\x18"
 
 
 @dataclass
@@ -113,7 +115,7 @@ class PartitionProcessor:
         return late
 
     def checkpoint(self) -> bytes:
-        """The whole state and the offset it reflects, as one compressed JSON document.
+        """The whole state and the offset it reflects, as one compressed (lz4 frame) JSON document.
 
         Call right after :meth:`flush` (nothing is pending then, so what was published and
         what is checkpointed agree).
@@ -135,11 +137,13 @@ class PartitionProcessor:
             "open_sessions": list(self.sessions.open.values()),
             "dirty_sessions": list(self.sessions.dirty.values()),
         }
-        return zlib.compress(orjson.dumps(document), 1)
+        return lz4.frame.compress(orjson.dumps(document))
 
     def restore(self, blob: bytes) -> None:
         """Resume from a :meth:`checkpoint` (windows of metrics no longer in the catalogue are dropped)."""
-        document = orjson.loads(zlib.decompress(blob))
+        # lz4 frames since checkpoints got large (zlib before: those still restore).
+        raw = lz4.frame.decompress(blob) if blob[:4] == LZ4_FRAME_MAGIC else zlib.decompress(blob)
+        document = orjson.loads(raw)
         if document.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown checkpoint format {document.get('format')!r}")
         known = self.metrics.aggregators

@@ -222,7 +222,7 @@ class WindowedMetrics:
             bounds = self._session_bounds(session.started_at)
             for agg, dims, periods in self._session_plan:
                 keys = [("", ""), *((d, v) for d in dims if (v := getattr(session, d)))]
-                observation = agg.observe_session(session)
+                session_id, observation = agg.observe_session(session)
                 name = agg.name
                 for period in periods:
                     start = bounds[period][0]
@@ -231,7 +231,7 @@ class WindowedMetrics:
                         acc = windows.get(wkey)
                         if acc is None:  # the session was late when it started (counted then)
                             continue
-                        acc.add(observation)
+                        acc.values[session_id] = observation  # SessionAccumulator.add, inlined: the hot loop
                         dirty.add(wkey)
 
     def _session_bounds(self, started_at: int) -> dict[Period, tuple[int, int]]:
