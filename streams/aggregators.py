@@ -301,6 +301,10 @@ def _no_value(event: StreamEvent) -> None:
     return None
 
 
+def _skip(event: StreamEvent) -> Any:
+    return _SKIP
+
+
 def condition_predicate(condition: Condition) -> Callable[[StreamEvent], bool]:
     """A predicate implementing ``condition`` with ClickHouse's JSONExtract semantics."""
     read = field_reader(condition.field)
@@ -398,8 +402,24 @@ class MetricAggregator:
 
     def observer(self, event_name: str) -> Callable[[StreamEvent], Any]:
         """:meth:`observe` for events named ``event_name``, which passed the name filter (the hot path)."""
-        if self._parts is not None or self._predicates:
-            return self.observe
+        if self._parts is not None:
+            num, den = (
+                p.observer(event_name) if p.event_names is None or event_name in p.event_names else _skip
+                for p in self._parts
+            )
+
+            def both(event: StreamEvent) -> Any:
+                num_obs, den_obs = num(event), den(event)
+                return _SKIP if num_obs is _SKIP and den_obs is _SKIP else (num_obs, den_obs)
+
+            return both
+        if self._predicates:
+            predicates = self._predicates
+            plain = self._plain_observer(event_name)
+            return lambda event: plain(event) if all(p(event) for p in predicates) else _SKIP
+        return self._plain_observer(event_name)
+
+    def _plain_observer(self, event_name: str) -> Callable[[StreamEvent], Any]:
         agg = self.definition.aggregation
         if agg is Aggregation.count:
             return _count_one

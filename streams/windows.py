@@ -220,8 +220,11 @@ class WindowedMetrics:
         windows, dirty = self.windows, self.dirty
         for session in sessions:
             bounds = self._session_bounds(session.started_at)
+            keysets: dict[tuple[str, ...], list[tuple[str, str]]] = {}
             for agg, dims, periods in self._session_plan:
-                keys = [("", ""), *((d, v) for d in dims if (v := getattr(session, d)))]
+                keys = keysets.get(dims)
+                if keys is None:
+                    keys = keysets[dims] = [("", ""), *((d, v) for d in dims if (v := getattr(session, d)))]
                 session_id, observation = agg.observe_session(session)
                 name = agg.name
                 for period in periods:
