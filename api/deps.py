@@ -2,8 +2,8 @@
 
 The app's lifespan (``api.app``) puts the process's shared objects on ``app.state``; routes reach
 them only through the annotated types below, so a route's signature says what it uses.
-Authorisation of the query API is one dependency (``Analyst``): a later role-based scheme replaces
-``require_analyst`` without touching the routes.
+Analysts' SQL is authorised by one dependency (``Analyst``): an API key with the analyst or
+admin role (``api.auth``), or the service token ``TIDEMARK_API_TOKEN`` when one is set.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from clickhouse_connect.driver.client import Client
-from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from api.publisher import EventPublisher
 from tidemark.settings import Settings
@@ -45,29 +45,53 @@ def get_publisher(request: Request) -> EventPublisher:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling the query API (for now: an analyst holding the API token, or anyone when none is set)."""
+    """Who is running analysts' SQL: the owner of an analyst or admin key, or the service token."""
 
     name: str
 
 
-_bearer = HTTPBearer(auto_error=False)
+_bearer = HTTPBearer(auto_error=False, description="An API key (or the service token) as a bearer token.")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
 
 
 def require_analyst(
     request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    api_key: Annotated[str | None, Security(_api_key_header)],
 ) -> Principal:
-    """Allow the call when no ``TIDEMARK_API_TOKEN`` is configured, or when the bearer token matches it."""
+    """Admit an analyst or admin API key, or the service token ``TIDEMARK_API_TOKEN`` (401 / 403 otherwise).
+
+    Raw SQL reads every event, so it is never open: a viewer key gets 403, no key 401.
+    """
+    from api.auth import Role, authenticate
+
+    raw = (bearer.credentials.strip() if bearer is not None else None) or api_key or None
+    if raw is None:
+        raise _unauthorized("an API key with the analyst role is required")
     token = get_settings(request).api_token
-    if not token:
-        return Principal("anonymous")
-    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+    if token and hmac.compare_digest(raw.encode(), token.encode()):
+        return Principal("service token")
+    sessions = getattr(request.app.state, "metadata_sessions", None)
+    principal = None
+    if sessions is not None:
+        with sessions() as session:
+            principal = authenticate(session, raw)
+    if principal is None:
+        raise _unauthorized("unknown or revoked API key")
+    if not principal.at_least(Role.analyst):
         raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            detail={"code": "unauthorized", "message": "a valid bearer token is required"},
-            headers={"WWW-Authenticate": "Bearer"},
+            status.HTTP_403_FORBIDDEN,
+            detail={"code": "forbidden", "message": f"SQL needs the analyst role; the key has {principal.role.value}"},
         )
-    return Principal("analyst")
+    return Principal(principal.email)
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        detail={"code": "unauthorized", "message": message},
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

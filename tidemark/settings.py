@@ -53,14 +53,18 @@ class Settings(BaseSettings):
     max_past_age_days: int = Field(365, description="How far in the past an event may be.")
     sql_max_execution_seconds: int = Field(30, description="Time limit of an analyst's read-only query.")
     sql_max_result_rows: int = Field(100_000, description="Row limit of an analyst's read-only query.")
+    dashboard_warm_seconds: float = Field(
+        60.0, description="How often pre-built and recently viewed dashboards are recomputed ahead (0 = never)."
+    )
     admin_api_key: str | None = Field(
         None,
         description="Bootstrap admin API key registered at start (local runs: dev-admin-key). "
         "Unset: a random admin key is created and logged once when no admin key exists.",
     )
     api_token: str | None = Field(
-        None, description="Bearer token the query API (e.g. /v1/sql) requires; unset leaves it open."
+        None, description="Service token /v1/sql accepts besides analyst API keys (unset: keys only)."
     )
+    api_key: str | None = Field(None, description="API key the command-line clients send (tidemark sql).")
     publish_timeout_seconds: float = Field(
         15.0, description="How long the collector waits for Kafka to acknowledge events before answering 503."
     )

@@ -23,6 +23,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.auth import Role, find_or_create_user, issue_key
 from api.readonly import QueryFailed, run_readonly
 from tests.fixtures.server import free_port, wait_until
 from tidemark.cli import main as tidemark_main
@@ -58,11 +59,43 @@ def seed_events(client: Client) -> list[dict[str, Any]]:
     return rows
 
 
+ADMIN_KEY = "sql-test-admin-key"
+
+
 @pytest.fixture
-def api(kafka_settings: Settings, ch_db: Client) -> Iterator[TestClient]:
-    settings = kafka_settings.model_copy(update={"sql_max_result_rows": 50})
-    with TestClient(create_app(settings, clickhouse=ch_db)) as client:
+def api(kafka_settings: Settings, ch_db: Client, tmp_path: Path) -> Iterator[TestClient]:
+    settings = kafka_settings.model_copy(
+        update={
+            "sql_max_result_rows": 50,
+            "admin_api_key": ADMIN_KEY,
+            "metadata_url": f"sqlite:///{tmp_path / 'metadata.db'}",
+        }
+    )
+    with TestClient(create_app(settings, clickhouse=ch_db), headers={"X-API-Key": ADMIN_KEY}) as client:
         yield client
+
+
+def _key(api: TestClient, role: Role) -> str:
+    """A fresh key of ``role`` for a new person."""
+    with api.app.state.metadata_sessions() as session:  # type: ignore[attr-defined]
+        user = find_or_create_user(session, f"{role.value}@example.org")
+        _, raw = issue_key(session, user, role, f"{role.value}'s key")
+        session.commit()
+    return raw
+
+
+def test_sql_needs_an_analyst_key(api: TestClient) -> None:
+    body = {"query": "SELECT 1 AS one"}
+    anonymous = api.post("/v1/sql", json=body, headers={"X-API-Key": ""})
+    assert anonymous.status_code == 401, anonymous.text
+    wrong = api.post("/v1/sql", json=body, headers={"X-API-Key": "", "Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
+    viewer = api.post("/v1/sql", json=body, headers={"X-API-Key": _key(api, Role.viewer)})
+    assert viewer.status_code == 403 and viewer.json()["error"]["code"] == "forbidden"
+    analyst = api.post(
+        "/v1/sql", json=body, headers={"X-API-Key": "", "Authorization": f"Bearer {_key(api, Role.analyst)}"}
+    )
+    assert analyst.status_code == 200 and analyst.json()["rows"] == [[1]]
 
 
 def sql(api: TestClient, query: str, **extra: Any) -> Any:
@@ -221,8 +254,9 @@ def test_clickhouse_errors_are_400_with_its_message(api: TestClient) -> None:
 
 
 def test_time_limit_stops_a_long_query(kafka_settings: Settings, ch_db: Client) -> None:
-    settings = kafka_settings.model_copy(update={"sql_max_execution_seconds": 1})
-    with TestClient(create_app(settings, clickhouse=ch_db)) as api:
+    # Authorised by the service token this time (TIDEMARK_API_TOKEN) instead of a key.
+    settings = kafka_settings.model_copy(update={"sql_max_execution_seconds": 1, "api_token": "service-token"})
+    with TestClient(create_app(settings, clickhouse=ch_db), headers={"Authorization": "Bearer service-token"}) as api:
         message = refused(
             sql(api, "SELECT count() FROM numbers_mt(100000000000) WHERE sipHash64(number) = 0"), "query_failed"
         )
@@ -248,11 +282,14 @@ def test_bad_request_body_is_400(api: TestClient) -> None:
 
 
 @pytest.fixture
-def served(kafka_settings: Settings, ch_db: Client) -> Iterator[str]:
+def served(kafka_settings: Settings, ch_db: Client, tmp_path: Path) -> Iterator[str]:
     """The app behind a real HTTP server (uvicorn, in a thread of this process, on a free port)."""
     port = free_port()
+    settings = kafka_settings.model_copy(
+        update={"admin_api_key": ADMIN_KEY, "metadata_url": f"sqlite:///{tmp_path / 'metadata.db'}"}
+    )
     server = uvicorn.Server(
-        uvicorn.Config(create_app(kafka_settings, clickhouse=ch_db), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(create_app(settings, clickhouse=ch_db), host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -269,18 +306,21 @@ def test_tidemark_sql_command(served: str, ch_db: Client, capsys: pytest.Capture
     expected = Counter(r["event_name"] for r in rows)
     query = "SELECT event_name, count() AS n FROM events FINAL GROUP BY event_name ORDER BY event_name"
 
-    assert tidemark_main(["sql", "--url", served, query]) == 0
+    assert tidemark_main(["sql", "--url", served, query]) == 1  # no key
+    assert "analyst" in capsys.readouterr().err
+    key = ["--api-key", ADMIN_KEY]
+    assert tidemark_main(["sql", "--url", served, *key, query]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["event_name", "|", "n"]
     body = [line.split(" | ") for line in table[2:-1]]
     assert [(name.strip(), int(n)) for name, n in body] == sorted(expected.items())
     assert table[-1].startswith(f"({len(expected)} rows")
 
-    assert tidemark_main(["sql", "--url", served, "--format", "csv", query]) == 0
+    assert tidemark_main(["sql", "--url", served, *key, "--format", "csv", query]) == 0
     assert list(csv.reader(io.StringIO(capsys.readouterr().out)))[1:] == [
         [name, str(n)] for name, n in sorted(expected.items())
     ]
 
-    assert tidemark_main(["sql", "--url", served, "DROP TABLE events"]) == 1
+    assert tidemark_main(["sql", "--url", served, *key, "DROP TABLE events"]) == 1
     assert "query_" in capsys.readouterr().err
     assert tidemark_main(["sql", "--url", f"http://127.0.0.1:{free_port()}", "SELECT 1"]) == 2

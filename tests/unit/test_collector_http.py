@@ -197,8 +197,8 @@ def test_readyz_is_503_when_nothing_is_connected(client: TestClient) -> None:
     assert checks["clickhouse"].startswith("error") and checks["kafka"].startswith("error")
 
 
-def test_sql_without_clickhouse_is_503(client: TestClient) -> None:
-    error_of(client.post("/v1/sql", json={"query": "SELECT 1"}), 503, "not_ready")
+def test_sql_without_a_key_is_401(client: TestClient) -> None:
+    error_of(client.post("/v1/sql", json={"query": "SELECT 1"}), 401, "unauthorized")
 
 
 def test_sql_requires_the_bearer_token_when_configured() -> None:

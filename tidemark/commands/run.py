@@ -144,7 +144,8 @@ Tidemark is running.
   Dashboards (API key {env["TIDEMARK_ADMIN_API_KEY"]}):
     curl -H 'Authorization: Bearer {env["TIDEMARK_ADMIN_API_KEY"]}' {api}/v1/dashboards
   Query it (analysts' read-only SQL):
-    .venv/bin/tidemark sql "SELECT event_name, count() FROM events FINAL GROUP BY event_name ORDER BY 2 DESC"
+    TIDEMARK_API_KEY={env["TIDEMARK_ADMIN_API_KEY"]} .venv/bin/tidemark sql \\
+      "SELECT event_name, count() FROM events FINAL GROUP BY event_name ORDER BY 2 DESC"
   Press Ctrl-C to stop everything.
 """
         )

@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--url", default=None, help="the API's base URL (default: http://TIDEMARK_API_HOST:PORT)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
     parser.add_argument("--max-rows", type=int, default=None, help="at most this many rows")
-    parser.add_argument("--token", default=None, help="bearer token (default: TIDEMARK_API_TOKEN)")
+    parser.add_argument(
+        "--api-key", default=None, help="analyst or admin API key (default: TIDEMARK_API_KEY, else TIDEMARK_API_TOKEN)"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     parser.set_defaults(func=run)
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     url = (args.url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
     query = sys.stdin.read() if args.query == "-" else args.query
-    token = args.token or settings.api_token
+    token = args.api_key or settings.api_key or settings.api_token
     body: dict[str, Any] = {"query": query, "format": "csv" if args.format == "csv" else "json"}
     if args.max_rows:
         body["max_rows"] = args.max_rows
