@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
 
@@ -137,6 +138,12 @@ class SessionWindow:
         )
 
 
+@lru_cache(maxsize=1)
+def _session_fields() -> Any:
+    # Every field of a session, in declaration order (what the positional constructor takes).
+    return operator.attrgetter(*(f.name for f in fields(SessionWindow)))
+
+
 class SessionTracker:
     """The open sessions of the devices of one partition.
 
@@ -205,7 +212,8 @@ class SessionTracker:
 
     def take_dirty(self) -> list[SessionWindow]:
         """The sessions changed since the last call (copies: they may keep changing)."""
-        out = [SessionWindow(**{f: getattr(s, f) for f in SessionWindow.__slots__}) for s in self.dirty.values()]
+        values_of = _session_fields()
+        out = [SessionWindow(*values_of(s)) for s in self.dirty.values()]
         self.dirty.clear()
         return out
 

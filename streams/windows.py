@@ -282,11 +282,16 @@ class WindowedMetrics:
     def _merge_pending(self) -> None:
         windows, dirty, bounds, ends = self.windows, self.dirty, self.calendar.bounds, self.ends
         groups = self._groups
+        minute_bounds: dict[tuple[Period, int], tuple[int, int]] = {}
         for (gid, dim, value, minute), acc in self.pending.items():
             targets = groups[gid].targets(dim)
             last = len(targets) - 1
             for i, (member, period) in enumerate(targets):
-                start, end = bounds(period, minute)
+                # Many pending minutes share a minute: its periods are looked up once.
+                found = minute_bounds.get((period, minute))
+                if found is None:
+                    found = minute_bounds[(period, minute)] = bounds(period, minute)
+                start, end = found
                 wkey = (member.name, dim, value, period, start)
                 target = windows.get(wkey)
                 if target is None:
