@@ -11,12 +11,15 @@ Wiring into the API process (``api.app.create_app``):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI
 
 from api.dashboards.cache import DashboardWarmer, WidgetCache
 from tidemark.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def open_query_api(app: FastAPI, settings: Settings, clickhouse: Any) -> None:
@@ -90,7 +93,11 @@ def warm_dashboard(state: Any, dashboard_id: int, max_age_share: float) -> int:
             age = state.widget_cache.age(key)
             if age is not None and age < max_age_share * widget.refresh_seconds:
                 continue
-            state.widget_cache.put(key, resolve(widget, ctx))
+            try:
+                state.widget_cache.put(key, resolve(widget, ctx))
+            except Exception as exc:  # one broken widget must not keep the others cold
+                log.warning("warming widget %s of dashboard %s failed: %s", widget.id, dashboard_id, exc)
+                continue
             computed += 1
     return computed
 
