@@ -36,7 +36,6 @@ interval (0 for people who never did it).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -47,42 +46,12 @@ from scipy import integrate, stats
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import confint_proportions_2indep, proportion_effectsize, proportions_ztest
 
+from api.analyses.assignment import assign_variant, bucket
 from api.analyses.query import PropertyFilter, SQLBuilder, TimeRange, run
 
+__all__ = ["assign_variant", "bucket"]  # assignment lives apart (no scipy import); re-exported here
+
 EXPOSURE_EVENT = "experiment_exposure"
-
-
-# --- assignment ---------------------------------------------------------------------------------
-
-
-def bucket(experiment_key: str, unit_id: str) -> float:
-    """A stable position in ``[0, 1)`` for ``unit_id`` within ``experiment_key``."""
-    digest = hashlib.sha256(f"{experiment_key}:{unit_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def assign_variant(experiment_key: str, user_id: str, variants: Sequence[tuple[str, float]]) -> str:
-    """The variant ``user_id`` sees: the hash bucket against the cumulative weights.
-
-    >>> assign_variant("checkout_button", "u1", [("control", 0.5), ("treatment", 0.5)]) in {"control", "treatment"}
-    True
-    >>> assign_variant("x", "u1", [("only", 1.0)])
-    'only'
-    """
-    if not variants:
-        raise ValueError("an experiment needs at least one variant")
-    if any(weight < 0 for _, weight in variants):
-        raise ValueError("variant weights must not be negative")
-    total = sum(weight for _, weight in variants)
-    if total <= 0:
-        raise ValueError("variant weights must sum to a positive number")
-    point = bucket(experiment_key, user_id) * total
-    cumulative = 0.0
-    for name, weight in variants:
-        cumulative += weight
-        if point < cumulative:
-            return name
-    return variants[-1][0]  # float rounding at the very top of the range
 
 
 # --- statistics -----------------------------------------------------------------------------------

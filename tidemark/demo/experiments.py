@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from api.analyses.experiments import assign_variant as assign
+from api.analyses.assignment import assign_variant as assign
 
 CONTROL = "control"
 TREATMENT = "treatment"
