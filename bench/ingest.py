@@ -58,6 +58,7 @@ from sinks.raw import EVENTS_SINK  # noqa: E402
 from tidemark.demo import TrafficConfig, generate_records  # noqa: E402
 from tidemark.demo.senders import to_segment_message  # noqa: E402
 from tidemark.localkafka import LocalKafka  # noqa: E402
+from tidemark.runtime import tune_garbage_collector  # noqa: E402
 from tidemark.settings import Settings  # noqa: E402
 from tidemark.topics import EVENTS_RAW, ensure_topics  # noqa: E402
 from tidemark.tracker import Tracker  # noqa: E402
@@ -306,6 +307,7 @@ def main() -> int:
     parser.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: http,sdk,sink,bare")
     args = parser.parse_args()
+    tune_garbage_collector()  # as the sink and serve commands do (the bare loop runs under it too)
     skip = set(filter(None, args.skip.split(",")))
     workdir = Path(tempfile.mkdtemp(prefix="tidemark-ingest-bench-"))
     run_id = uuid.uuid4().hex[:6]

@@ -18,6 +18,7 @@ import uvicorn
 
 from sinks.clickhouse import connect
 from sinks.runner import build_sink_services
+from tidemark.runtime import tune_garbage_collector
 from tidemark.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     """Open ClickHouse, build the sinks and the app, and serve until SIGTERM/SIGINT."""
     from api.app import create_app  # the API is heavy to import; only this command needs it
+
+    tune_garbage_collector()  # after the imports: freezing covers them
 
     settings = get_settings()
     # The app's lifespan applies the migrations and creates the topics before it starts the sinks.

@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 from sinks.clickhouse import connect
 from sinks.migrations import apply_migrations
 from sinks.runner import SINKS, build_sink_services
+from tidemark.runtime import tune_garbage_collector
 from tidemark.settings import get_settings
 from tidemark.topics import ensure_topics
 
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     """Run the sinks until SIGTERM/SIGINT; exit 0 after a clean stop, 1 if a sink died."""
+    tune_garbage_collector()
     settings = get_settings()
     stopping = threading.Event()
 

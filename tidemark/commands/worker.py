@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from tidemark.runtime import tune_garbage_collector
 from tidemark.settings import get_settings
 from tidemark.topics import ensure_topics
 
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     import faust
 
     from streams.app import create_app, ensure_stream_topics
+
+    tune_garbage_collector()  # after the imports: freezing covers them
 
     settings = get_settings()
     ensure_topics(settings)
