@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     stream_flush_seconds: float = Field(1.0, description="Publish sessions and metric updates this often ...")
     stream_flush_events: int = Field(20_000, description="... or after this many events per partition.")
     stream_commit_seconds: float = Field(1.0, description="How often the stream worker commits offsets.")
+    stream_republish_max_seconds: float = Field(
+        30.0, description="Longest wait before a changed open window is re-published (minute windows: 5 s, hour: 10 s)."
+    )
     stream_app_id: str = Field("tidemark-streams", description="Faust app id (names its internal topics).")
     stream_web_port: int = Field(6066, description="Port of the stream worker's web endpoint (0 = none).")
     metrics_file: Path | None = Field(None, description="JSON/YAML file of extra metric definitions.")

@@ -209,6 +209,7 @@ class EventsAgent:
         self._checkpointed_at: dict[int, float] = {}
         # Serialising a partition's state costs milliseconds to seconds: not at every flush.
         self.checkpoint_seconds = CHECKPOINT_EVERY_SECONDS
+        self.republish_max_seconds = settings.stream_republish_max_seconds
         self._session_codec = session_codec()
         self._partial_codec = metric_partial_codec()
 
@@ -224,7 +225,9 @@ class EventsAgent:
                 session_gap=self.gap,
                 session_max_length=self.max_length,
             )
-            processor.metrics.publish_every = dict(PUBLISH_EVERY)
+            processor.metrics.publish_every = {
+                period: min(seconds, self.republish_max_seconds) for period, seconds in PUBLISH_EVERY.items()
+            }
             blob = self.load_checkpoint(partition)
             if blob:
                 processor.restore(blob)

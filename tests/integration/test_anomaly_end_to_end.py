@@ -220,6 +220,9 @@ def test_injected_incidents_page_on_call_and_resolve(
         # The deployed flush cadence (the helper's small batches suit short tests, not 26,000 events).
         "TIDEMARK_STREAM_FLUSH_SECONDS": str(Settings.model_fields["stream_flush_seconds"].default),
         "TIDEMARK_STREAM_FLUSH_EVENTS": str(Settings.model_fields["stream_flush_events"].default),
+        # Open hours re-published every second (deployed: every 10 s), so each simulated hour's
+        # totals show up at once instead of adding 10 s of waiting per hour.
+        "TIDEMARK_STREAM_REPUBLISH_MAX_SECONDS": "1",
     })
     alerts = AlertConsumer(settings)
     totals = HourlyTotals(settings)
