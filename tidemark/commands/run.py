@@ -103,8 +103,13 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0)
     raise RuntimeError(f"the API did not become ready at {url} within {timeout:.0f}s")
 
 
+def _stop_on_sigterm(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # `kill <pid>` stops everything in order, exactly like Ctrl-C
+
+
 def run(args: argparse.Namespace) -> int:
-    """Start everything, print the URLs and a query to try, and wait for Ctrl-C."""
+    """Start everything, print the URLs and a query to try, and wait for Ctrl-C (or SIGTERM)."""
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     settings = get_settings()
     state = settings.state_dir.resolve()
     (state / "logs").mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ Tidemark is running.
   Query it (analysts' read-only SQL):
     TIDEMARK_API_KEY={env["TIDEMARK_ADMIN_API_KEY"]} .venv/bin/tidemark sql \\
       "SELECT event_name, count() FROM events FINAL GROUP BY event_name ORDER BY 2 DESC"
-  Press Ctrl-C to stop everything.
+  Press Ctrl-C (or kill {os.getpid()}) to stop everything.
 """
         )
         while (exited := group.check()) is None:
