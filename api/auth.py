@@ -214,15 +214,18 @@ DbSession = Annotated[Session, Depends(metadata_session)]
 # Declared as security schemes so the OpenAPI document says how to authenticate.
 _bearer = HTTPBearer(auto_error=False, description="An API key as a bearer token.")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
+BearerKey = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+HeaderKey = Annotated[str | None, Security(_api_key_header)]
 
 
-def optional_principal(
-    session: DbSession,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    api_key: Annotated[str | None, Security(_api_key_header)],
-) -> Principal | None:
+def presented_key(bearer: HTTPAuthorizationCredentials | None, api_key: str | None) -> str | None:
+    """The key a request presents: the bearer token, else the ``X-API-Key`` header (None when neither)."""
+    return (bearer.credentials.strip() if bearer is not None else None) or api_key or None
+
+
+def optional_principal(session: DbSession, bearer: BearerKey, api_key: HeaderKey) -> Principal | None:
     """The caller, or None when no key was presented; a presented but invalid key is a 401."""
-    raw = (bearer.credentials.strip() if bearer is not None else None) or api_key or None
+    raw = presented_key(bearer, api_key)
     if raw is None:
         return None
     principal = authenticate(session, raw)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from clickhouse_connect.driver.client import Client
-from fastapi import Depends, HTTPException, Request, Security, status
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, HTTPException, Request, status
 
+from api.auth import BearerKey, HeaderKey, Role, authenticate, forbidden, presented_key, unauthorized
 from api.publisher import EventPublisher
 from tidemark.settings import Settings
 
@@ -50,24 +50,14 @@ class Principal:
     name: str
 
 
-_bearer = HTTPBearer(auto_error=False, description="An API key (or the service token) as a bearer token.")
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
-
-
-def require_analyst(
-    request: Request,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    api_key: Annotated[str | None, Security(_api_key_header)],
-) -> Principal:
+def require_analyst(request: Request, bearer: BearerKey, api_key: HeaderKey) -> Principal:
     """Admit an analyst or admin API key, or the service token ``TIDEMARK_API_TOKEN`` (401 / 403 otherwise).
 
     Raw SQL reads every event, so it is never open: a viewer key gets 403, no key 401.
     """
-    from api.auth import Role, authenticate
-
-    raw = (bearer.credentials.strip() if bearer is not None else None) or api_key or None
+    raw = presented_key(bearer, api_key)
     if raw is None:
-        raise _unauthorized("an API key with the analyst role is required")
+        raise unauthorized("an API key with the analyst role is required")
     token = get_settings(request).api_token
     if token and hmac.compare_digest(raw.encode(), token.encode()):
         return Principal("service token")
@@ -77,21 +67,10 @@ def require_analyst(
         with sessions() as session:
             principal = authenticate(session, raw)
     if principal is None:
-        raise _unauthorized("unknown or revoked API key")
+        raise unauthorized("unknown or revoked API key")
     if not principal.at_least(Role.analyst):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            detail={"code": "forbidden", "message": f"SQL needs the analyst role; the key has {principal.role.value}"},
-        )
+        raise forbidden(f"SQL needs the analyst role; the key has {principal.role.value}")
     return Principal(principal.email)
-
-
-def _unauthorized(message: str) -> HTTPException:
-    return HTTPException(
-        status.HTTP_401_UNAUTHORIZED,
-        detail={"code": "unauthorized", "message": message},
-        headers={"WWW-Authenticate": "Bearer"},
-    )
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
