@@ -68,37 +68,23 @@ def prebuilt_ids(sessions: Any) -> list[int]:
 
 def warm_dashboard(state: Any, dashboard_id: int, max_age_share: float) -> int:
     """Recompute the default view of a dashboard's widgets whose cached result is old; return how many."""
-    from api.dashboards.cache import widget_key
     from api.dashboards.models import DashboardFilters
-    from api.dashboards.widgets import WidgetContext, resolve, widget_window
-    from api.metadata.models import Dashboard, SavedQuery
+    from api.dashboards.widgets import WidgetContext, resolve_cached
+    from api.metadata.models import Dashboard
 
     computed = 0
     with state.metadata_sessions() as session:
         dashboard = session.get(Dashboard, dashboard_id)
         if dashboard is None:
             return 0
-        ctx = WidgetContext(
-            engine=state.metrics_engine_factory(),
-            client=state.query_clickhouse,
-            filters=DashboardFilters.model_validate(dashboard.default_filters),
-            week_start=state.week_start,
-            sql_max_seconds=state.sql_max_seconds,
-            sql_max_rows=state.sql_max_rows,
-            saved_query=lambda sid: session.get(SavedQuery, sid),
-        )
-        window = widget_window(ctx)
+        ctx = WidgetContext.of_app(state, DashboardFilters.model_validate(dashboard.default_filters), session)
         for widget in dashboard.widgets:
-            key = widget_key(widget, ctx.filters, ctx.week_start, window.start, window.end)
-            age = state.widget_cache.age(key)
-            if age is not None and age < max_age_share * widget.refresh_seconds:
-                continue
             try:
-                state.widget_cache.put(key, resolve(widget, ctx))
+                data = resolve_cached(widget, ctx, state.widget_cache, max_age_share)
             except Exception as exc:  # one broken widget must not keep the others cold
                 log.warning("warming widget %s of dashboard %s failed: %s", widget.id, dashboard_id, exc)
                 continue
-            computed += 1
+            computed += not data.cached
     return computed
 
 

@@ -75,25 +75,15 @@ class WidgetCache:
         self._entries: OrderedDict[str, CachedResult] = OrderedDict()
         self._lock = threading.Lock()
         self.max_entries = max_entries
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: str, max_age: float) -> WidgetData | None:
         """The cached result if it is younger than ``max_age`` seconds (marked as cached), else None."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or time.monotonic() - entry.computed_at >= max_age:
-                self.misses += 1
                 return None
             self._entries.move_to_end(key)
-            self.hits += 1
             return entry.data.model_copy(update={"cached": True})
-
-    def age(self, key: str) -> float | None:
-        """Seconds since the entry was computed (None when there is none)."""
-        with self._lock:
-            entry = self._entries.get(key)
-            return None if entry is None else time.monotonic() - entry.computed_at
 
     def put(self, key: str, data: WidgetData) -> None:
         """Store a freshly computed result."""

@@ -70,6 +70,19 @@ class WidgetContext:
     saved_query: Callable[[int], SavedQuery | None] = lambda _id: None
     now: datetime | None = None
 
+    @classmethod
+    def of_app(cls, state: Any, filters: DashboardFilters, session: Any) -> WidgetContext:
+        """The context the query API's ``app.state`` gives, reading saved analyses through ``session``."""
+        return cls(
+            engine=state.metrics_engine_factory(),
+            client=state.query_clickhouse,
+            filters=filters,
+            week_start=state.week_start,
+            sql_max_seconds=state.sql_max_seconds,
+            sql_max_rows=state.sql_max_rows,
+            saved_query=lambda sid: session.get(SavedQuery, sid),
+        )
+
 
 def merge_filters(defaults: DashboardFilters, overrides: dict[str, Any]) -> DashboardFilters:
     """The dashboard's filters with the request's overrides on top (explicit start/end beat a range)."""
@@ -114,18 +127,18 @@ def widget_window(ctx: WidgetContext) -> TimeWindow:
 
 
 def resolve_cached(
-    widget: DashboardWidget, ctx: WidgetContext, cache: WidgetCache, refresh: bool = False
+    widget: DashboardWidget, ctx: WidgetContext, cache: WidgetCache, max_age_share: float = 1.0
 ) -> WidgetData:
-    """``resolve`` through the cache: a result younger than the widget's refresh interval is reused.
+    """``resolve`` through the cache: a result younger than ``max_age_share`` x the widget's refresh interval is reused.
 
-    ``refresh`` recomputes (and re-caches) regardless of age.
+    ``max_age_share=0`` recomputes (and re-caches) regardless of age; the warmer asks for less
+    than 1 to recompute ahead of expiry. A reused result has ``cached=True``.
     """
     window = widget_window(ctx)
     key = widget_key(widget, ctx.filters, ctx.week_start, window.start, window.end)
-    if not refresh:
-        hit = cache.get(key, float(widget.refresh_seconds))
-        if hit is not None:
-            return hit
+    hit = cache.get(key, max_age_share * widget.refresh_seconds)
+    if hit is not None:
+        return hit
     data = resolve(widget, ctx)
     cache.put(key, data)
     return data

@@ -42,7 +42,7 @@ from api.dashboards.models import (
     WidgetType,
 )
 from api.dashboards.widgets import WidgetContext, WidgetDataError, merge_filters, resolve_cached
-from api.metadata.models import Dashboard, DashboardShare, DashboardWidget, SavedQuery, User
+from api.metadata.models import Dashboard, DashboardShare, DashboardWidget, User
 from api.metrics_query import DimensionFilter, Granularity, QueryError, RelativeRange, UnknownMetric
 
 router = APIRouter(prefix="/v1/dashboards", tags=["dashboards"], responses=ERROR_RESPONSES)
@@ -314,19 +314,11 @@ def widget_data(
     except ValueError as exc:
         raise ApiError(400, "invalid_request", str(exc)) from exc
     state = request.app.state
-    ctx = WidgetContext(
-        engine=state.metrics_engine_factory(),
-        client=state.query_clickhouse,
-        filters=filters,
-        week_start=state.week_start,
-        sql_max_seconds=state.sql_max_seconds,
-        sql_max_rows=state.sql_max_rows,
-        saved_query=lambda sid: session.get(SavedQuery, sid),
-    )
+    ctx = WidgetContext.of_app(state, filters, session)
     if not filter and all(value is None for value in overrides.values()):
         state.dashboard_warmer.viewed(dashboard_id)
     try:
-        return resolve_cached(widget, ctx, state.widget_cache, refresh=refresh)
+        return resolve_cached(widget, ctx, state.widget_cache, max_age_share=0.0 if refresh else 1.0)
     except UnknownMetric as exc:
         raise ApiError(404, "unknown_metric", f"metric {exc.args[0]!r} is not in the catalogue") from exc
     except WidgetDataError as exc:
