@@ -267,7 +267,7 @@ def _greedy_attempts(n: int, window_ms: int) -> str:
     cols = [f"arraySort(groupArrayIf(t, s{k} = 1)) AS T{k}" for k in range(1, n + 1)]
     # Most people stop at step 1: only their first start matters, so skip the per-start work.
     # (Without a step-2 event at or after the first step-1 event, no start gets past step 1.)
-    cols.append("if(notEmpty(T2) AND T2[-1] >= T1[1], T1, arraySlice(T1, 1, 1)) AS c1" if n >= 2 else "T1 AS c1")
+    cols.append("if(notEmpty(T2) AND T2[-1] >= T1[1], T1, arraySlice(T1, 1, 1)) AS c1")  # funnels have >= 2 steps
     for k in range(2, n + 1):
         cols.append(
             f"arrayMap((s, p) -> if(p = 0, toUInt64(0), "
