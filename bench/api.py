@@ -49,6 +49,7 @@ from api.metrics_query import (  # noqa: E402
 from api.routes import dashboards, keys, metrics  # noqa: E402
 from sinks.clickhouse import connect  # noqa: E402
 from sinks.migrations import apply_migrations  # noqa: E402
+from sinks.snapshots import SNAPSHOTS_SINK  # noqa: E402
 from tidemark.settings import Settings  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key"
@@ -208,17 +209,7 @@ def write_snapshots(client: Any, settings: Settings, end: datetime) -> int:
     client.insert(
         "metric_snapshots",
         rows,
-        column_names=[
-            "metric_type",
-            "period",
-            "period_start",
-            "period_end",
-            "dimensions",
-            "dimensions_key",
-            "value",
-            "source",
-            "computed_at",
-        ],
+        column_names=list(SNAPSHOTS_SINK.columns),
     )
     return len(rows)
 

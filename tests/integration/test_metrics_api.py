@@ -29,6 +29,7 @@ from api.metrics_query import (
     default_catalogue,
     resolve_window,
 )
+from sinks.snapshots import SNAPSHOTS_SINK
 from tests.integration.query_api_support import (
     build_app,
     close,
@@ -273,17 +274,7 @@ def _snapshot_rows(ch: Client, metric: str, values: dict[date, float], zone: Zon
     ch.insert(
         "metric_snapshots",
         rows,
-        column_names=[
-            "metric_type",
-            "period",
-            "period_start",
-            "period_end",
-            "dimensions",
-            "dimensions_key",
-            "value",
-            "source",
-            "computed_at",
-        ],
+        column_names=list(SNAPSHOTS_SINK.columns),
     )
 
 
