@@ -14,6 +14,33 @@ use ``FINAL`` (cheap here: an event's partition is fixed by its own timestamp, s
 ``do_not_merge_across_partitions_select_final`` applies). Sinks also pass an
 ``insert_deduplication_token`` (topic:partition:first-last offset) so that an exact
 retry of the same batch is dropped at insert time.
+
+``activity_weeks`` (migration 8)
+--------------------------------
+One row per (event name, actor, bucket) with the first and last instant the actor did that
+event in the bucket; the event name ``$any`` covers every event. An actor is the event's
+``user_id``, or its ``anonymous_id`` when it has none (``anonymous`` is then true): readers
+stitch anonymous actors to people through ``identities`` exactly as ``events_resolved`` does,
+so links that arrive later still apply. A bucket is a 7-day UTC interval starting Thursday
+00:00 UTC (whole multiples of 7 days from the epoch).
+
+Exact for any reporting timezone: a period boundary (a local week start or a local first of
+the month) inside a bucket splits the actor's activity there into at most two periods; the
+first instant lies in the earlier one and the last instant in the later one, and both are
+real events. So the periods an actor was active in during the bucket are exactly
+{period(first_seen), period(last_seen)}, whatever the zone's offset (whole hours, :30, :45)
+or DST, as long as a bucket holds at most one boundary. Week starts on Monday or Sunday fall
+between Saturday 10:00 and Monday 12:00 UTC in every zone (offsets are within -12:00..+14:00),
+far from the Thursday bucket edges, so each bucket holds exactly one; readers check the
+property for other week starts and read raw events where it fails. Months are longer than a
+bucket, so a bucket never holds two month starts. A range ending inside a bucket is one more
+cut: readers take the events between the last boundary and the range end from ``events`` when
+an actor's row straddles both.
+
+Idempotent: ``events`` is a ReplacingMergeTree, so a replayed event is a second row until a
+merge; the view sees it twice, and a minimum and a maximum do not change when a value is
+added twice. Rows of the same key from different inserts are combined by merges
+(AggregatingMergeTree); readers group by actor anyway, so unmerged rows are correct too.
 """
 
 from __future__ import annotations
@@ -34,6 +61,20 @@ _RESOLVED_COLUMNS = (
 _JOINED_COLUMNS = ", ".join(f"e.{name} AS {name}" for name in _RESOLVED_COLUMNS.split(", "))
 #: Version of an identity link: larger for earlier links, so merges keep a device's first person.
 _LINK_EARLINESS = "toUInt64(greatest(0, 99999999999999 - toUnixTimestamp64Milli(linked_at)))"
+
+#: Length of an ``activity_weeks`` bucket in seconds; buckets start at multiples of it from the
+#: Unix epoch, a Thursday, so every bucket runs from Thursday 00:00 UTC to the next.
+ACTIVITY_BUCKET_SECONDS = 7 * 86400
+#: ``activity_weeks`` rows of this event name cover every event.
+ANY_EVENT_NAME = "$any"
+_ACTIVITY_WEEKS_SELECT = f"""
+SELECT name AS event_name, user_id = '' AS anonymous,
+       toDateTime(intDiv(toUnixTimestamp(ts), {ACTIVITY_BUCKET_SECONDS}) * {ACTIVITY_BUCKET_SECONDS}, 'UTC') AS bucket,
+       if(user_id != '', user_id, anonymous_id) AS actor, min(ts) AS first_seen, max(ts) AS last_seen
+FROM (SELECT event_name AS own_name, user_id, anonymous_id, timestamp AS ts FROM events)
+ARRAY JOIN [toString(own_name), '{ANY_EVENT_NAME}'] AS name
+GROUP BY name, anonymous, bucket, actor
+"""
 
 
 @dataclass(frozen=True)
@@ -342,6 +383,31 @@ MIGRATIONS: tuple[Migration, ...] = (
                 SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities GROUP BY anonymous_id
             ) AS i ON i.anonymous_id = e.anonymous_id
             """,
+        ),
+    ),
+    Migration(
+        8,
+        "weekly activity rollup: who was active in each 7-day UTC bucket, per event name and for any event",
+        (
+            # Why the first and last instant per 7-day UTC bucket are enough, in any timezone, and why
+            # a replayed event changes nothing: the module docstring.
+            """
+            CREATE TABLE IF NOT EXISTS activity_weeks (
+                event_name LowCardinality(String),
+                anonymous Bool,
+                bucket DateTime('UTC'),
+                actor String,
+                first_seen SimpleAggregateFunction(min, DateTime64(3, 'UTC')),
+                last_seen SimpleAggregateFunction(max, DateTime64(3, 'UTC'))
+            )
+            ENGINE = AggregatingMergeTree
+            PARTITION BY toYYYYMM(bucket)
+            ORDER BY (event_name, anonymous, bucket, actor)
+            """,
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS activity_weeks_mv TO activity_weeks AS {_ACTIVITY_WEEKS_SELECT}",
+            # Backfill what is already there. The view exists first, so an event inserted meanwhile may
+            # be counted by both: harmless, first/last seen are a minimum and a maximum.
+            f"INSERT INTO activity_weeks {_ACTIVITY_WEEKS_SELECT}",
         ),
     ),
 )

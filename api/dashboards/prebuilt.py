@@ -7,7 +7,12 @@ seeding is idempotent and never overwrites an admin's edits.
 Definitions that are not plain catalogue metrics live here as read-only SQL, documented:
 
 - retention rate (weekly): of the people active in the previous week, the share active again
-  in this week (weeks start on ``settings.week_start`` in the reporting timezone);
+  in this week (weeks start on ``settings.week_start`` in the reporting timezone). It reads the
+  weekly activity rollup ``activity_weeks`` (first and last instant per actor and 7-day UTC
+  bucket, exact for any zone: see sinks/migrations.py) and stitches anonymous devices to people
+  through ``identities`` as ``events_resolved`` does; the events themselves are read only for
+  the stretch between the last week start and a range end that cuts a bucket, and for ranges
+  over 62 weeks (a person's weeks are bits of one UInt64);
 - float balance: running sum over the range of money entering the platform's hands
   (contributions net of fees, loan repayments) minus money leaving it (payouts of funded
   projects, refunds of expired ones, loan disbursements);
@@ -26,29 +31,96 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.auth import BOOTSTRAP_ADMIN_EMAIL, find_or_create_user
 from api.dashboards.models import DashboardIn
 from api.metadata.models import Dashboard
+from sinks.migrations import ACTIVITY_BUCKET_SECONDS, ANY_EVENT_NAME
 
 CARD_COST_RATE = 0.022
 CARD_COST_FIXED = 0.20
 
-RETENTION_SQL = """
-WITH per_person AS (
-    -- every person's active weeks (people as events_resolved stitches them)
-    SELECT person_id,
-           groupUniqArray(toDate(timestamp, {tz:String})
-             - ((toDayOfWeek(toDate(timestamp, {tz:String})) + 7 - {week_start:UInt8}) % 7)) AS weeks
-    FROM events_resolved
-    WHERE timestamp >= {start:DateTime64(3, 'UTC')} - INTERVAL 14 DAY AND timestamp < {end:DateTime64(3, 'UTC')}
-    GROUP BY person_id
+
+def _week_of(instant: str) -> str:
+    """SQL for the start (a Date) of the reporting week containing ``instant``."""
+    day = f"toDate({instant}, {{tz:String}})"
+    return f"({day} - ((toDayOfWeek({day}) + 7 - {{week_start:UInt8}}) % 7))"
+
+
+_START = "{start:DateTime64(3, 'UTC')}"
+_END = "{end:DateTime64(3, 'UTC')}"
+_BUCKET = ACTIVITY_BUCKET_SECONDS
+#: The rollup bucket holding ``start`` - 10 days: the week before the first reported one starts
+#: at most 8 days and 16 hours before ``start`` in any zone.
+_FIRST_BUCKET = f"toUInt32(intDiv(toUnixTimestamp({_START} - INTERVAL 10 DAY), {_BUCKET}))"
+_END_BUCKET = f"toUInt32(intDiv(toUnixTimestamp({_END}), {_BUCKET}))"
+_LAST_WEEK = _week_of(f"({_END} - INTERVAL 1 MILLISECOND)")
+_LAST_TURN = f"toDateTime64(toDateTime({_LAST_WEEK}, {{tz:String}}), 3, 'UTC')"
+_LINKS = "SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities GROUP BY anonymous_id"
+
+RETENTION_SQL = f"""
+WITH
+    {_week_of(f"toDateTime({_FIRST_BUCKET} * {_BUCKET}, 'UTC')")} AS base_week,
+    -- a person's active weeks are bits of one UInt64 (bit i = base_week + 7 i), and each rollup
+    -- bucket must hold at most one week start (always so for weeks starting Monday or Sunday)
+    intDiv({_LAST_WEEK} - base_week, 7) <= 62
+      AND arrayAll(b -> {_week_of(f"toDateTime(b * {_BUCKET} + {_BUCKET - 1}, 'UTC')")}
+                        - {_week_of(f"toDateTime(b * {_BUCKET}, 'UTC')")} <= 7,
+                   range({_FIRST_BUCKET}, {_END_BUCKET} + 1)) AS from_rollup,
+    -- someone active in the range end's bucket both before the last week start and after the end:
+    -- which of their events fall between the two, only the events say
+    (SELECT count() > 0 FROM activity_weeks
+     WHERE event_name = '{ANY_EVENT_NAME}' AND bucket = toDateTime({_END_BUCKET} * {_BUCKET}, 'UTC')
+       AND first_seen < {_LAST_TURN} AND last_seen >= {_END}) AS end_straddled,
+    activity AS (
+        -- actors' active weeks from the rollup (see sinks/migrations.py, migration 8)
+        SELECT anonymous, actor,
+               bitOr(bitShiftLeft(toUInt64(1), intDiv({_week_of("first_seen")} - base_week, 7)),
+                     bitShiftLeft(toUInt64(1),
+                                  intDiv({_week_of(f"if(last_seen < {_END}, last_seen, first_seen)")} - base_week, 7)))
+                 AS weeks
+        FROM activity_weeks
+        WHERE from_rollup AND event_name = '{ANY_EVENT_NAME}'
+          AND bucket >= toDateTime({_FIRST_BUCKET} * {_BUCKET}, 'UTC') AND bucket < {_END} AND first_seen < {_END}
+        UNION ALL
+        SELECT user_id = '' AS anonymous, if(user_id != '', user_id, anonymous_id) AS actor,
+               bitShiftLeft(toUInt64(1), intDiv({_LAST_WEEK} - base_week, 7)) AS weeks
+        FROM events
+        WHERE from_rollup AND end_straddled AND timestamp >= {_LAST_TURN} AND timestamp < {_END}
+    ),
+    per_person AS (
+        -- people as events_resolved stitches them: a device linked to a user is that user
+        SELECT person_id, groupBitOr(weeks) AS weeks
+        FROM (
+            SELECT actor AS person_id, weeks FROM activity WHERE NOT anonymous
+            UNION ALL
+            SELECT if(l.user_id != '', l.user_id, a.actor) AS person_id, a.weeks AS weeks
+            FROM (SELECT actor, weeks FROM activity WHERE anonymous) AS a
+            LEFT ANY JOIN ({_LINKS}) AS l ON l.anonymous_id = a.actor
+        )
+        GROUP BY person_id
+    ),
+    per_person_raw AS (
+        -- every person's active weeks from the events, when the rollup cannot answer
+        SELECT person_id, groupUniqArray({_week_of("timestamp")}) AS weeks
+        FROM events_resolved
+        WHERE NOT from_rollup AND timestamp >= {_START} - INTERVAL 14 DAY AND timestamp < {_END}
+        GROUP BY person_id
+    )
+SELECT t, retention_rate FROM (
+    SELECT toDateTime(week, {{tz:String}}) AS t, again / before AS retention_rate
+    FROM (
+        SELECT base_week + 7 * (p + 1) AS week, count() AS before, countIf(bitTest(weeks, p + 1)) AS again
+        FROM per_person ARRAY JOIN bitPositionsToArray(weeks) AS p
+        GROUP BY week
+    )
+    WHERE week >= toDate({_START}, {{tz:String}}) AND toDateTime(week, {{tz:String}}) < {_END}
+    UNION ALL
+    SELECT toDateTime(week, {{tz:String}}) AS t,
+           countIf(has(weeks, week) AND has(weeks, week - 7)) / countIf(has(weeks, week - 7)) AS retention_rate
+    FROM per_person_raw
+    ARRAY JOIN arrayDistinct(arrayConcat(weeks, arrayMap(x -> x + 7, weeks))) AS week
+    WHERE week >= toDate({_START}, {{tz:String}}) AND toDateTime(week, {{tz:String}}) < {_END}
+    GROUP BY week
+    HAVING countIf(has(weeks, week - 7)) > 0
 )
-SELECT toDateTime(week, {tz:String}) AS t,
-       countIf(has(weeks, week) AND has(weeks, week - 7)) / countIf(has(weeks, week - 7)) AS retention_rate
-FROM per_person
-ARRAY JOIN arrayDistinct(arrayConcat(weeks, arrayMap(x -> x + 7, weeks))) AS week
-WHERE week >= toDate({start:DateTime64(3, 'UTC')}, {tz:String})
-  AND toDateTime(week, {tz:String}) < {end:DateTime64(3, 'UTC')}
-GROUP BY week
-HAVING countIf(has(weeks, week - 7)) > 0
-ORDER BY week
+ORDER BY t
 """.strip()
 
 FLOAT_BALANCE_SQL = """

@@ -1,0 +1,295 @@
+"""The weekly activity rollup (``activity_weeks``) and the retention widget that reads it, against plain Python.
+
+The Executive dashboard's weekly retention rate reads ``activity_weeks`` (first and last instant
+per actor and 7-day UTC bucket) and stitches anonymous devices to people through ``identities``.
+Each test recomputes the widget's figures from the same events with no SQL: people after
+identity stitching, local weeks in the reporting timezone (``zoneinfo``), the range end as a cut.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from api.dashboards.prebuilt import RETENTION_SQL
+from api.dashboards.widgets import run_read_only
+from sinks.migrations import ANY_EVENT_NAME, apply_migrations
+from tests.analysis_reference import Event, insert_events, resolve_people
+
+pytestmark = pytest.mark.integration
+
+
+def local(text: str, tz: str) -> datetime:
+    """A wall-clock time in ``tz`` as an aware UTC datetime."""
+    return datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=ZoneInfo(tz)).astimezone(UTC)
+
+
+def week_of(ts: datetime, tz: str, week_start: int) -> date:
+    """The local date the reporting week containing ``ts`` starts on."""
+    day = ts.astimezone(ZoneInfo(tz)).date()
+    return day - timedelta(days=(day.isoweekday() - week_start) % 7)
+
+
+def local_midnight(day: date, tz: str) -> datetime:
+    """The first instant of ``day`` in ``tz`` (a day starting in a DST gap starts after it)."""
+    zone = ZoneInfo(tz)
+    start = datetime(day.year, day.month, day.day, tzinfo=zone)
+    if start.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != start.replace(tzinfo=None):
+        start = datetime(day.year, day.month, day.day, 1, tzinfo=zone)  # midnight skipped by DST
+    return start.astimezone(UTC)
+
+
+def retention_rate_reference(
+    events: list[Event], start: datetime, end: datetime, tz: str, week_start: int
+) -> dict[datetime, float]:
+    """Weekly retention rate as the widget documents it, in plain Python.
+
+    Of the people active in the week before, the share active again in the week; weeks from the
+    first one starting on or after ``start``'s local date, while they start before ``end``; only
+    events before ``end`` count. A replayed event (same event id) is one event.
+    """
+    unique = {e.event_id: e for e in events}
+    people = resolve_people(list(unique.values()))
+    weeks: dict[str, set[date]] = defaultdict(set)
+    for e in unique.values():
+        if start - timedelta(days=14) <= e.ts < end:
+            weeks[people[e.event_id]].add(week_of(e.ts, tz, week_start))
+    first = start.astimezone(ZoneInfo(tz)).date()
+    week = first + timedelta(days=(week_start - first.isoweekday()) % 7)
+    out: dict[datetime, float] = {}
+    while local_midnight(week, tz) < end:
+        before = {p for p, ws in weeks.items() if week - timedelta(days=7) in ws}
+        if before:
+            again = {p for p in before if week in weeks[p]}
+            out[local_midnight(week, tz)] = len(again) / len(before)
+        week += timedelta(days=7)
+    return out
+
+
+def widget_rates(client: Client, start: datetime, end: datetime, tz: str, week_start: int) -> dict[datetime, float]:
+    """The widget's SQL through the dashboards' read-only path, as instants -> rate."""
+    parameters = {
+        "start": start.replace(tzinfo=None),
+        "end": end.replace(tzinfo=None),
+        "tz": tz,
+        "week_start": week_start,
+        "granularity": "day",
+    }
+    columns, rows = run_read_only(client, RETENTION_SQL, parameters, max_seconds=30, max_rows=10_000)
+    assert columns == ["t", "retention_rate"] or not rows
+    out = {}
+    for t, rate in rows:
+        out[(t.replace(tzinfo=UTC) if t.tzinfo is None else t).astimezone(UTC)] = rate  # as the widget reads it
+    return out
+
+
+def assert_same(got: dict[datetime, float], want: dict[datetime, float]) -> None:
+    assert list(got) == list(want)
+    for t, rate in want.items():
+        assert got[t] == pytest.approx(rate, abs=1e-12), t
+
+
+def replay(e: Event) -> Event:
+    """The same event again (same id), as a replayed batch delivers it."""
+    return Event(e.name, e.ts, e.user_id, e.anonymous_id, dict(e.properties), dict(e.context), e.event_id)
+
+
+def story(tz: str) -> list[list[Event]]:
+    """Insert batches around Berlin's spring DST change (2026-03-29), in ``tz`` wall-clock times."""
+    week1 = [
+        Event("page_view", local("2026-03-16 09:00", tz), user_id="alice"),
+        Event("page_view", local("2026-03-17 10:00", tz), anonymous_id="tablet-b"),  # bob, before signing up
+        Event("page_view", local("2026-03-18 23:30", tz), anonymous_id="phone-c"),  # never signs up
+        Event("login", local("2026-03-22 23:30", tz), user_id="dave"),  # Sunday night
+    ]
+    week2 = [
+        Event("login", local("2026-03-23 00:10", tz), user_id="alice"),  # Monday just after midnight
+        Event("login", local("2026-03-24 12:00", tz), user_id="erin"),
+        Event("page_view", local("2026-03-29 01:30", tz), anonymous_id="phone-c"),  # the DST night (Berlin)
+        Event("page_view", local("2026-03-29 23:50", tz), user_id="dave"),  # Sunday of the 23-hour day
+    ]
+    week3 = [
+        Event("signup", local("2026-03-30 08:00", tz), user_id="bob", anonymous_id="tablet-b"),  # links the tablet
+        Event("login", local("2026-03-31 08:00", tz), user_id="erin"),
+        Event("page_view", local("2026-04-02 18:00", tz), anonymous_id="phone-c"),
+    ]
+    week4 = [
+        Event("login", local("2026-04-06 08:00", tz), user_id="bob"),
+        Event("login", local("2026-04-07 08:00", tz), user_id="alice"),
+    ]
+    replayed = [replay(week2[1]), replay(week1[1])]  # erin's login and bob's anonymous visit, delivered twice
+    return [week1, week2, week3, week4, replayed]
+
+
+@pytest.mark.parametrize(
+    ("tz", "week_start"),
+    [("Europe/Berlin", 1), ("Europe/Berlin", 7), ("Asia/Kolkata", 1), ("America/New_York", 7), ("UTC", 1)],
+)
+def test_rollup_path_equals_reference(ch_db: Client, tz: str, week_start: int) -> None:
+    """Duplicates, a device stitched to the user who signs up on it later, DST and :30 zones."""
+    batches = story(tz)
+    for batch in batches:
+        insert_events(ch_db, batch)
+    events = [e for batch in batches for e in batch]
+    start, end = local("2026-03-23 00:00", tz), local("2026-04-20 00:00", tz)
+    want = retention_rate_reference(events, start, end, tz, week_start)
+    assert len(want) >= 3 and any(0 < r < 1 for r in want.values())
+    # Without events: the answer must come from the rollup and the identity links alone.
+    ch_db.command("TRUNCATE TABLE events")
+    assert_same(widget_rates(ch_db, start, end, tz, week_start), want)
+
+
+def test_replayed_events_leave_the_rollup_and_the_widget_unchanged(ch_db: Client) -> None:
+    tz = "Asia/Kolkata"
+    events = [e for batch in story(tz)[:4] for e in batch]
+    insert_events(ch_db, events)
+    query = (
+        "SELECT event_name, anonymous, bucket, actor, min(first_seen), max(last_seen) "
+        "FROM activity_weeks GROUP BY ALL ORDER BY ALL"
+    )
+    before = ch_db.query(query).result_rows
+    start, end = local("2026-03-23 00:00", tz), local("2026-04-20 00:00", tz)
+    rates = widget_rates(ch_db, start, end, tz, 1)
+    for e in reversed(events):  # replayed one by one: other batch boundaries, so no insert-time dedup
+        insert_events(ch_db, [replay(e)])
+    assert ch_db.query(query).result_rows == before
+    assert widget_rates(ch_db, start, end, tz, 1) == rates
+    assert_same(rates, retention_rate_reference(events, start, end, tz, 1))
+    anys = {r[3] for r in before if r[0] == ANY_EVENT_NAME}
+    assert anys == {"alice", "tablet-b", "phone-c", "dave", "erin", "bob"}
+
+
+def test_range_ending_inside_a_bucket_reads_the_straddled_events(ch_db: Client) -> None:
+    """The range ends on a Tuesday; people active both before Monday and after the end in that bucket."""
+    tz = "Europe/Berlin"
+    events = [
+        Event("login", local("2026-04-13 09:00", tz), user_id="ann"),
+        Event("login", local("2026-04-16 10:00", tz), user_id="ann"),  # Thursday: bucket start is 02:00 local
+        Event("login", local("2026-04-19 10:00", tz), user_id="ann"),  # Sunday, before the last week start
+        Event("login", local("2026-04-20 10:00", tz), user_id="ann"),  # Monday, inside the range
+        Event("login", local("2026-04-22 10:00", tz), user_id="ann"),  # after the end
+        Event("login", local("2026-04-13 09:00", tz), user_id="ben"),
+        Event("login", local("2026-04-18 10:00", tz), user_id="ben"),  # Saturday
+        Event("login", local("2026-04-23 10:00", tz), user_id="ben"),  # only after the end: not retained
+        Event("login", local("2026-04-18 10:00", tz), anonymous_id="kiosk"),
+        Event("signup", local("2026-04-21 08:00", tz), user_id="cat", anonymous_id="kiosk"),  # in range, Tuesday
+        Event("login", local("2026-04-22 08:00", tz), user_id="cat"),
+    ]
+    insert_events(ch_db, events)
+    start, end = local("2026-04-06 00:00", tz), local("2026-04-21 12:00", tz)
+    want = retention_rate_reference(events, start, end, tz, 1)
+    assert want[local("2026-04-20 00:00", tz)] == pytest.approx(2 / 3)
+    assert_same(widget_rates(ch_db, start, end, tz, 1), want)
+
+
+def test_weeks_starting_thursday_across_a_dst_week(ch_db: Client) -> None:
+    """London's spring week is 167 hours; with Thursday weeks its start meets a bucket edge."""
+    tz = "Europe/London"
+    events = [
+        Event("login", local("2026-03-19 09:00", tz), user_id="a"),
+        Event("login", local("2026-03-26 00:30", tz), user_id="a"),  # Thursday of the short week
+        Event("login", local("2026-04-01 23:30", tz), user_id="a"),  # Wednesday night, same bucket
+        Event("login", local("2026-04-02 00:30", tz), user_id="a"),  # next Thursday (bucket: 23:30 UTC)
+        Event("login", local("2026-03-20 09:00", tz), user_id="b"),
+        Event("login", local("2026-04-02 09:00", tz), user_id="b"),
+    ]
+    insert_events(ch_db, events)
+    start, end = local("2026-03-19 00:00", tz), local("2026-04-16 00:00", tz)
+    for week_start in (4, 1, 7):
+        want = retention_rate_reference(events, start, end, tz, week_start)
+        assert_same(widget_rates(ch_db, start, end, tz, week_start), want)
+
+
+def test_range_longer_than_62_weeks_reads_the_events(ch_db: Client) -> None:
+    """Active weeks are bits of one UInt64: a longer range is answered from events_resolved."""
+    tz = "America/Sao_Paulo"
+    rng = random.Random(7)
+    origin = datetime(2025, 1, 2, tzinfo=UTC)
+    events = [
+        Event("login", origin + timedelta(hours=rng.randint(0, 80 * 7 * 24)), user_id=f"u{rng.randrange(12)}")
+        for _ in range(400)
+    ]
+    insert_events(ch_db, events)
+    start, end = origin + timedelta(days=14), origin + timedelta(weeks=75)
+    want = retention_rate_reference(events, start, end, tz, 7)
+    assert len(want) > 62
+    assert_same(widget_rates(ch_db, start, end, tz, 7), want)
+    ch_db.command("TRUNCATE TABLE events")  # the rollup alone cannot answer this range
+    assert widget_rates(ch_db, start, end, tz, 7) == {}
+
+
+ZONES = [
+    "UTC",
+    "Europe/Berlin",
+    "Asia/Kolkata",
+    "Asia/Kathmandu",
+    "America/Sao_Paulo",
+    "Australia/Lord_Howe",
+    "America/Santiago",
+    "Pacific/Kiritimati",
+    "Etc/GMT+12",
+]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_activity_matches_reference(ch_db: Client, seed: int) -> None:
+    rng = random.Random(seed)
+    origin = datetime(2026, 2, 26, tzinfo=UTC)
+    events: list[Event] = []
+    batches: list[list[Event]] = [[] for _ in range(4)]
+    for p in range(50):
+        user, device = f"u{p}", f"d{p}"
+        signs_up = rng.random() < 0.7
+        signup_at = origin + timedelta(hours=rng.uniform(0, 70 * 24))
+        for _ in range(rng.randint(1, 12)):
+            ts = origin + timedelta(seconds=rng.randint(0, 70 * 86400), milliseconds=rng.randint(0, 999))
+            if signs_up and ts >= signup_at:
+                e = Event("login", ts, user_id=user, anonymous_id=rng.choice(["", device]))
+            else:
+                e = Event("page_view", ts, anonymous_id=device)
+            events.append(e)
+            batches[rng.randrange(4)].append(e)
+        if signs_up:
+            e = Event("signup", signup_at, user_id=user, anonymous_id=device)
+            events.append(e)
+            batches[rng.randrange(4)].append(e)
+    for e in rng.sample(events, 15):
+        batches[rng.randrange(4)].append(replay(e))
+    for batch in batches:
+        insert_events(ch_db, batch)
+    for _ in range(6):
+        tz, week_start = rng.choice(ZONES), rng.choice([1, 7, 1, 7, 3])
+        start = origin + timedelta(days=rng.randint(3, 20), minutes=rng.choice([0, rng.randint(0, 1439)]))
+        end = start + timedelta(days=rng.randint(10, 45), seconds=rng.choice([0, rng.randint(0, 86399)]))
+        want = retention_rate_reference(events, start, end, tz, week_start)
+        assert_same(widget_rates(ch_db, start, end, tz, week_start), want)
+
+
+def test_migration_backfills_events_already_present(ch_db: Client) -> None:
+    events = [e for batch in story("Asia/Kolkata") for e in batch]
+    insert_events(ch_db, events)
+    rollup = (
+        "SELECT event_name, anonymous, bucket, actor, min(first_seen), max(last_seen) FROM activity_weeks "
+        "GROUP BY ALL ORDER BY ALL"
+    )
+    live = ch_db.query(rollup).result_rows
+    # A database migrated before the rollup existed: events there, no rollup yet.
+    ch_db.command("DROP VIEW activity_weeks_mv")
+    ch_db.command("DROP TABLE activity_weeks")
+    ch_db.command("DELETE FROM schema_migrations WHERE version = 8")
+    assert apply_migrations(ch_db) == [8]
+    assert ch_db.query(rollup).result_rows == live
+    start, end = local("2026-03-23 00:00", "Asia/Kolkata"), local("2026-04-20 00:00", "Asia/Kolkata")
+    want = retention_rate_reference(events, start, end, "Asia/Kolkata", 1)
+    assert_same(widget_rates(ch_db, start, end, "Asia/Kolkata", 1), want)
+    # ...and the view keeps it current afterwards.
+    late = Event("login", local("2026-04-13 10:00", "Asia/Kolkata"), user_id="dave", event_id=str(uuid.uuid4()))
+    insert_events(ch_db, [late])
+    want = retention_rate_reference([*events, late], start, end, "Asia/Kolkata", 1)
+    assert_same(widget_rates(ch_db, start, end, "Asia/Kolkata", 1), want)
