@@ -24,6 +24,9 @@ Retention
   Σ count / Σ cohort size over the cohorts that have the cell; *simple* = the mean of those
   cohorts' percentages (cohorts of size 0 are skipped).
 - Analysis-wide filters apply to both events; ``cohort_id`` restricts the people.
+- Week and month matrices without property filters (up to 64 periods) read the weekly activity
+  rollup ``activity_weeks`` instead of every event (:func:`_rollup_per_person`); the answer is
+  the same, it is only cheaper.
 
 Churn and reactivation (over the activity event, any event by default)
 ----------------------------------------------------------------------
@@ -48,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.analyses.models import AnalysisSettings
 from api.analyses.query import ANY_EVENT, PropertyFilter, SQLBuilder, TimeRange, run
+from sinks.migrations import ACTIVITY_BUCKET_SECONDS, ANY_EVENT_NAME
 
 Period = Literal["hour", "day", "week", "month"]
 
@@ -215,13 +219,20 @@ def compute_retention(
     in_periods = f"timestamp >= {lower} AND timestamp < {end} AND {idx} >= 0 AND {idx} < {n_param}"
     # Up to 64 periods, a person's periods are bits of one UInt64 (cheaper than arrays per person).
     bits = n <= 64
+    per_person = ""
 
     def period_set(cond: str) -> str:
         if bits:
             return f"groupBitOrIf(bitShiftLeft(toUInt64(1), toUInt8({idx})), {cond})"
         return f"arrayMap(x -> toInt64(x), groupUniqArrayIf({idx}, {cond}))"
 
-    if definition.cohort_type == "first_time":
+    if (
+        bits
+        and definition.period in ROLLUP_PERIODS
+        and not (definition.start_event.filters or definition.return_event.filters or filters)
+    ):
+        per_person = _rollup_per_person(q, definition, time_range, settings, starts_local[0], cohort_id)
+    elif definition.cohort_type == "first_time":
         first = f"minIf(timestamp, {start_cond})"
         first_idx = _period_index(q, definition.period, settings, time_range.start, first)
         only = f"bitShiftLeft(toUInt64(1), toUInt8({first_idx}))" if bits else f"[{first_idx}]"
@@ -235,16 +246,15 @@ def compute_retention(
     else:
         cohort_expr = period_set(f"{start_cond} AND {in_periods}")
         where = f"({start_cond} OR {return_cond}) AND {in_periods}"
-    any_cohort = "cohorts != 0" if bits else "notEmpty(cohorts)"
-    per_person = (
-        f"SELECT person_id, {cohort_expr} AS cohorts, "
-        f"{period_set(f'{return_cond} AND {in_periods} AND {idx} >= 1')} AS back "
-        f"FROM events_resolved WHERE {where} AND {people} GROUP BY person_id HAVING {any_cohort}"
-    )
-    if bits:
-        came_back = (
-            "bitTest(back, c + k)" if definition.return_type == "on" else "bitShiftRight(back, c + k) != 0"
+    if not per_person:
+        any_cohort = "cohorts != 0" if bits else "notEmpty(cohorts)"
+        per_person = (
+            f"SELECT person_id, {cohort_expr} AS cohorts, "
+            f"{period_set(f'{return_cond} AND {in_periods} AND {idx} >= 1')} AS back "
+            f"FROM events_resolved WHERE {where} AND {people} GROUP BY person_id HAVING {any_cohort}"
         )
+    if bits:
+        came_back = "bitTest(back, c + k)" if definition.return_type == "on" else "bitShiftRight(back, c + k) != 0"
         cohort_list = "arrayMap(x -> toInt64(x), bitPositionsToArray(cohorts))"
     else:
         came_back = "has(back, c + k)" if definition.return_type == "on" else "arrayExists(r -> r >= c + k, back)"
@@ -279,6 +289,94 @@ def compute_retention(
         weighted.append(sum(c.counts[k] for c in rows) / total if total else None)
         simple.append(sum(c.counts[k] / c.size for c in rows) / len(rows) if rows else None)
     return RetentionResult(period=definition.period, cohorts=cohorts, weighted_average=weighted, simple_average=simple)
+
+
+#: Periods the weekly activity rollup answers exactly (a rollup bucket never holds two of their starts).
+ROLLUP_PERIODS = ("week", "month")
+_BUCKET = ACTIVITY_BUCKET_SECONDS
+_LINKS = "SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities GROUP BY anonymous_id"
+_ALL_BUT_PERIOD_0 = "toUInt64(18446744073709551614)"
+
+
+def _rollup_name(event_name: str) -> str:
+    return ANY_EVENT_NAME if event_name == ANY_EVENT else event_name
+
+
+def _rollup_per_person(
+    q: SQLBuilder,
+    definition: RetentionDefinition,
+    time_range: TimeRange,
+    settings: AnalysisSettings,
+    first_period: datetime,
+    cohort_id: str | None,
+) -> str:
+    """Per person (``person_id``, ``cohorts``, ``back`` as period bits) from the weekly activity rollup.
+
+    For week and month periods without property filters. ``activity_weeks`` keeps, per event name
+    (and ``$any``), actor and 7-day UTC bucket, the first and last instant; a bucket holds at most
+    one period start, so an actor's periods in a bucket are those of its first and last instants
+    (sinks/migrations.py, migration 8). Two cuts are not period starts: ``time_range.start``
+    belongs to period 0, which counts whole, and ``time_range.end``. A row whose last instant is
+    at or after the end contributes its first instant only; the events between the start of the
+    end's period (or its bucket, if later) and the end are read from ``events``. Actors are
+    stitched to people through ``identities`` as ``events_resolved`` does; a person's first start
+    event ever is the earliest first instant of their start-event rows.
+    """
+    t = "DateTime64(3, 'UTC')"
+    n = q.param(definition.periods, "Int64")
+    end = q.param(time_range.end, t)
+    lower_bucket = q.param(first_period.astimezone(UTC), t)
+    # The rollup's rows of every event are named like the analyses' "any event".
+    start_name = q.param(_rollup_name(definition.start_event.event_name), "String")
+    return_name = q.param(_rollup_name(definition.return_event.event_name), "String")
+    # The events after the last cut the rollup cannot place: from the end's period start (or the
+    # end's bucket start, whichever is later) to the end.
+    end_utc = time_range.end.astimezone(UTC)
+    last_period = period_starts(definition.period, settings, end_utc - timedelta(milliseconds=1), 1)[0]
+    bucket_start = datetime.fromtimestamp(int(end_utc.timestamp()) // _BUCKET * _BUCKET, UTC)
+    edge = q.param(max(last_period.astimezone(UTC), bucket_start), t)
+
+    def bit(ts: str) -> str:
+        i = _period_index(q, definition.period, settings, time_range.start, ts)
+        return f"if({ts} < {end} AND {i} >= 0 AND {i} < {n}, bitShiftLeft(toUInt64(1), toUInt8({i})), toUInt64(0))"
+
+    closing = f"if(last_seen < {end}, last_seen, first_seen)"
+    bucket_of = f"toDateTime(intDiv(toUnixTimestamp({lower_bucket}), {_BUCKET}) * {_BUCKET}, 'UTC')"
+    in_range = f"bucket >= {bucket_of} AND bucket < {end}"
+    # First-time cohorts need every start event before the end, also before the periods.
+    start_rows = f"bucket < {end}" if definition.cohort_type == "first_time" else in_range
+    rollup = (
+        f"SELECT anonymous, actor, event_name = {start_name} AS is_start, event_name = {return_name} AS is_return, "
+        f"first_seen, bitOr({bit('first_seen')}, {bit(closing)}) AS periods FROM activity_weeks "
+        f"WHERE (event_name = {start_name} AND {start_rows}) OR (event_name = {return_name} AND {in_range})"
+    )
+    start_cond = q.event_condition(definition.start_event.event_name)
+    return_cond = q.event_condition(definition.return_event.event_name)
+    edge_events = (
+        f"SELECT user_id = '' AS anonymous, if(user_id != '', user_id, anonymous_id) AS actor, "
+        f"{start_cond} AS is_start, {return_cond} AS is_return, timestamp AS first_seen, {bit('timestamp')} AS periods "
+        f"FROM events WHERE timestamp >= {edge} AND timestamp < {end} AND ({start_cond} OR {return_cond})"
+    )
+    stitched = (
+        f"SELECT actor AS person_id, is_start, is_return, first_seen, periods FROM activity WHERE NOT anonymous "
+        f"UNION ALL SELECT if(l.user_id != '', l.user_id, a.actor) AS person_id, is_start, is_return, first_seen, "
+        f"periods FROM (SELECT * FROM activity WHERE anonymous) AS a LEFT ANY JOIN ({_LINKS}) AS l "
+        f"ON l.anonymous_id = a.actor"
+    )
+    if definition.cohort_type == "first_time":
+        first = "minIf(first_seen, is_start)"
+        i = _period_index(q, definition.period, settings, time_range.start, first)
+        cohorts = (
+            f"if(countIf(is_start) > 0 AND {first} < {end} AND {i} >= 0 AND {i} < {n}, "
+            f"bitShiftLeft(toUInt64(1), toUInt8({i})), toUInt64(0))"
+        )
+    else:
+        cohorts = "groupBitOrIf(periods, is_start)"
+    return (
+        f"WITH activity AS ({rollup} UNION ALL {edge_events}) "
+        f"SELECT person_id, {cohorts} AS cohorts, bitAnd(groupBitOrIf(periods, is_return), {_ALL_BUT_PERIOD_0}) "
+        f"AS back FROM ({stitched}) WHERE {q.in_cohort(cohort_id)} GROUP BY person_id HAVING cohorts != 0"
+    )
 
 
 # --- activity: churn, reactivation, lifecycle -------------------------------------------------
