@@ -86,14 +86,9 @@ WITH
     ),
     per_person AS (
         -- people as events_resolved stitches them: a device linked to a user is that user
-        SELECT person_id, groupBitOr(weeks) AS weeks
-        FROM (
-            SELECT actor AS person_id, weeks FROM activity WHERE NOT anonymous
-            UNION ALL
-            SELECT if(l.user_id != '', l.user_id, a.actor) AS person_id, a.weeks AS weeks
-            FROM (SELECT actor, weeks FROM activity WHERE anonymous) AS a
-            LEFT ANY JOIN ({_LINKS}) AS l ON l.anonymous_id = a.actor
-        )
+        SELECT if(a.anonymous AND l.user_id != '', l.user_id, a.actor) AS person_id, groupBitOr(a.weeks) AS weeks
+        FROM activity AS a
+        LEFT ANY JOIN ({_LINKS}) AS l ON l.anonymous_id = if(a.anonymous, a.actor, '')
         GROUP BY person_id
     ),
     per_person_raw AS (
