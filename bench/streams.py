@@ -121,7 +121,7 @@ def worker_cadence(messages: list[tuple[bytes, bytes]], partitions: int = EVENTS
 
     settings = Settings()
     agent = EventsAgent(settings, compile_catalogue(CATALOGUE), publish_session=lambda key, value: None,
-                        publish_partial=lambda key, value: None, save_checkpoint=lambda partition, blob: None,
+                        publish_partial=lambda key, value, lane: None, save_checkpoint=lambda partition, blob: None,
                         load_checkpoint=lambda partition: None, commit=lambda partition, offset: None)
     started = flushed = time.perf_counter()
     for offset, (key, value) in enumerate(messages):

@@ -6,6 +6,7 @@ times are aware UTC datetimes in Python and timestamp-millis on the wire.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -34,6 +35,15 @@ def dimensions_key(dimensions: dict[str, str]) -> str:
     Values are percent-encoded so ``&`` and ``=`` inside them cannot collide.
     """
     return "&".join(f"{k}={quote(v, safe='')}" for k, v in sorted(dimensions.items()))
+
+
+def series_key(metric_type: str, period: str, dimensions: Mapping[str, str]) -> str:
+    """The identity of a metric series: ``metric|period|dimensions key`` (every period start of it).
+
+    >>> series_key("gmv", "day", {"country": "FR"})
+    'gmv|day|country=FR'
+    """
+    return f"{metric_type}|{period}|{dimensions_key(dict(dimensions))}"
 
 
 class UserSession(BaseModel):
@@ -89,6 +99,7 @@ class MetricSnapshot(BaseModel):
     dimensions: dict[str, str] = Field(default_factory=dict)
     source: str = "stream"
     computed_at: AwareDatetime = Field(alias="computedAt")
+    final: bool = False  # the window's complete value: see metric_snapshot.avsc
 
     @field_validator("period_start", "period_end", "computed_at", mode="before")
     @classmethod
@@ -124,6 +135,7 @@ class MetricSnapshot(BaseModel):
             "dimensionsKey": self.dimensions_key,
             "source": self.source,
             "computedAt": _millis(self.computed_at),
+            "final": self.final,
         }
 
     @classmethod
@@ -138,6 +150,7 @@ class MetricSnapshot(BaseModel):
             dimensions=dict(record.get("dimensions") or {}),
             source=record.get("source") or "stream",
             computed_at=_utc(record["computedAt"]),
+            final=bool(record.get("final", False)),
         )
 
 
@@ -150,7 +163,7 @@ def session_codec() -> SchemaCodec:
 @cache
 def metric_snapshot_codec() -> SchemaCodec:
     """The codec of ``MetricSnapshot`` (topic ``metrics``), built once per process."""
-    return SchemaCodec(load_schema("metric_snapshot.avsc"))
+    return SchemaCodec(load_schema("metric_snapshot.avsc"), (load_schema("metric_snapshot.v1.avsc"),))
 
 
 @cache

@@ -9,7 +9,8 @@ instead, where it is cheap to do so:
 
 - every output is a full value under a key, never a delta: a session version
   (``sessions``: ReplacingMergeTree(version) keyed by session id), a partition's partial
-  of a window (``metrics.partials``: the merger keeps the latest per partition) and a
+  of a window (``metrics.partials``, partitioned by series: the merger keeps the latest
+  per source partition) and a
   snapshot (``metrics``: ReplacingMergeTree(computed_at) keyed by metric, period, period
   start and dimensions). Re-publishing one replaces it with the same value;
 - the only state that adds up (counts, sums, distinct sets, sessions) is checkpointed
@@ -17,11 +18,12 @@ instead, where it is cheap to do so:
   up to the checkpoint (:mod:`streams.agents.events`). A restarted partition skips what
   its checkpoint already holds, so nothing is counted twice.
 
-Two stages, two consumer groups: ``events.raw`` is read by a librdkafka consumer in a
+Two stages, three consumer groups: ``events.raw`` is read by a librdkafka consumer in a
 thread of its own (group ``<prefix><stream_app_id>``; see :mod:`streams.agents.events`
-for why not a Faust agent), run as a service of this Faust app; the Faust agents (metric
-merging, anomalies) consume the far smaller ``metrics.partials`` and ``metrics`` topics
-in the group of :func:`agents_app_id`.
+for why not a Faust agent), run as a service of this Faust app; the Faust agent of metric
+merging consumes the far smaller ``metrics.partials`` topic in the group of
+:func:`agents_app_id`; anomaly detection reads ``metrics`` with a librdkafka consumer of its
+own, also a service of this app (:class:`~streams.agents.anomalies.AnomalyConsumer`).
 
 Scaling: the unit of parallelism is a partition of ``events.raw`` (keyed by device, so a
 device's sessions stay on one worker). Start more workers with the same settings and the
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
 import faust
@@ -43,7 +46,7 @@ from schemas.codec import SchemaError
 from schemas.streams import metric_partial_codec
 from streams.agents.anomalies import register_anomaly_agent
 from streams.agents.events import MAX_CHECKPOINT_BYTES, EventsConsumer, checkpoint_topic
-from streams.agents.metrics import MetricsAgent
+from streams.agents.metrics import MetricsAgent, snapshot_partition
 from streams.aggregators import compile_catalogue
 from streams.catalogue import get_catalogue
 from tidemark.settings import Settings
@@ -106,6 +109,19 @@ def ensure_stream_topics(settings: Settings) -> None:
                     raise
 
 
+def partition_count(settings: Settings, spec: TopicSpec) -> int:
+    """How many partitions a topic has on the broker (its spec's count if it does not exist yet).
+
+    Deployments may have grown a topic past its spec; the metrics stage must know the real
+    number of ``events.raw`` partitions to tell when every one of them has closed a window.
+    """
+    name = settings.topic(spec.name)
+    topic = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(name, timeout=30).topics.get(name)
+    if topic is None or topic.error is not None or not topic.partitions:
+        return spec.partitions
+    return len(topic.partitions)
+
+
 def create_app(settings: Settings) -> faust.App:
     """The Faust app of the stream worker: the events consumer (a service), the agents, the flush timer, the tables."""
     app_id = agents_app_id(settings)
@@ -153,10 +169,10 @@ def create_app(settings: Settings) -> faust.App:
     })
 
     def publisher(topic_name: str) -> Any:
-        def publish(key: bytes, value: bytes) -> None:
+        def publish(key: bytes, value: bytes, partition: int = -1) -> None:
             while True:
                 try:
-                    producer.produce(topic_name, key=key, value=value)
+                    producer.produce(topic_name, key=key, value=value, partition=partition)  # -1: by key
                     return
                 except BufferError:  # local queue full: let deliveries drain
                     producer.poll(0.05)
@@ -167,7 +183,7 @@ def create_app(settings: Settings) -> faust.App:
         if producer.flush(60) != 0:
             raise RuntimeError("outputs were not delivered within 60 s; not acknowledging")
 
-    events = EventsConsumer(settings, aggregators, settings.topic(PARTIALS_TOPIC))
+    events = EventsConsumer(settings, aggregators, settings.topic(PARTIALS_TOPIC), partial_lanes=PARTIALS_PARTITIONS)
 
     @app.service
     class EventsStage(Service):
@@ -187,11 +203,18 @@ def create_app(settings: Settings) -> faust.App:
                     return
                 await self.sleep(1.0)
 
+    publish_metric = publisher(settings.topic(METRICS.name))
+    metrics_partitions = partition_count(settings, METRICS)
+
+    def publish_snapshot(key: bytes, value: bytes, lane: int) -> None:
+        publish_metric(key, value, snapshot_partition(lane, metrics_partitions))
+
     metrics_agent = MetricsAgent(
         aggregators,
-        publish_snapshot=publisher(settings.topic(METRICS.name)),
+        publish_snapshot=publish_snapshot,
         store=merged,
-        source_partitions=EVENTS_RAW.partitions,
+        source_partitions=partition_count(settings, EVENTS_RAW),
+        grace=timedelta(seconds=settings.stream_grace_seconds),
     )
     partial_codec = metric_partial_codec()
 
@@ -205,20 +228,21 @@ def create_app(settings: Settings) -> faust.App:
             except SchemaError as exc:
                 log.warning("Skipping undecodable partial: %s", exc)
                 continue
-            metrics_agent.on_partial(message.key.decode(), record)
+            metrics_agent.on_partial(message.key.decode(), record, lane=message.partition)
 
     @app.timer(settings.stream_flush_seconds)
     async def flush() -> None:
         # Snapshots are durable before the partials they came from are acknowledged.
         if metrics_agent.unacked:
+            metrics_agent.publish_changed()
             outputs_durable()
             for message in metrics_agent.unacked:
                 ack(message)
             metrics_agent.unacked.clear()
 
-    # Anomaly detection: metric snapshots -> anomalies, with its own flush timer and checkpoint.
+    # Anomaly detection: metric snapshots -> anomalies, in a consumer thread with its own checkpoint.
     anomaly_agent = register_anomaly_agent(
-        app, settings, catalogue, publisher, outputs_durable, ack, MAX_CHECKPOINT_BYTES
+        app, settings, catalogue, publisher, outputs_durable, MAX_CHECKPOINT_BYTES, lanes=PARTIALS_PARTITIONS
     )
 
     app.tidemark_events_consumer = events  # type: ignore[attr-defined]

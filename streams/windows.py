@@ -9,8 +9,28 @@ Two stages, because a window's events are spread over every partition of ``event
    deltas as days; distinct counts merge as sets/sketches, never as sums). Every window
    changed since the last flush is published as a :class:`MetricPartial`: this
    partition's full aggregate for the window, not a delta.
-2. :class:`SnapshotMerger` runs per window key. It keeps the latest partial of each
-   source partition and merges them into the window's value, a ``MetricSnapshot``.
+2. :class:`SnapshotMerger` runs per *lane* of ``metrics.partials``. Partials are routed to
+   a lane by their series (:func:`series_lane`), so every window of a series meets in one
+   lane. It keeps the latest partial of each source partition per window and merges them
+   into the window's value, a ``MetricSnapshot``.
+
+Completeness
+------------
+A snapshot published while a window fills up is provisional. A source partition closes a
+window -- publishes its last partial of it -- once its watermark passes ``end + grace``.
+After each flush's partials it *announces* its new watermark to every lane (a partial
+itself carries only the watermark announced before, never the one its own flush reached).
+Within a lane, the messages of one source arrive in the order they were published; so
+once every source partition's announced watermark has passed ``end + grace``, every
+window of that lane ending at ``end`` or earlier has its last partial from every source,
+and :meth:`SnapshotMerger.finalize` publishes it once more,
+marked ``final``, in order of window end. That is what the anomaly agent judges: a
+window is judged complete when it *is* complete, not when a later one shows up (one
+source partition may run hours of event time ahead of another while catching up).
+Session metrics are the exception: a source keeps their windows open while a session
+that started in them is open, so their final value is the value at the watermark and a
+later correction is published as provisional (ClickHouse keeps the latest; the anomaly
+bank has judged the window by then, on the same footing every period).
 
 Both stages replace rather than add (a partial replaces the partition's previous
 partial; a snapshot replaces the previous snapshot of its key in ClickHouse), so a
@@ -30,14 +50,16 @@ window also waits until no session that started in it is still open.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from schemas.streams import MetricSnapshot, dimensions_key  # noqa: F401  (re-exported)
+from schemas.streams import MetricSnapshot, dimensions_key, series_key  # noqa: F401  (re-exported)
 from streams.aggregators import SKIP, MetricAggregator
 from streams.catalogue import Source
 from streams.events import StreamEvent, field_reader
@@ -54,6 +76,18 @@ SeriesKey = tuple[str, str, str]
 WindowKey = tuple[str, str, str, Period, int]
 
 
+def series_lane(key: str, lanes: int) -> int:
+    """The lane (partition of ``metrics.partials``) of a series: where all its windows are merged.
+
+    ``key`` is :func:`~schemas.streams.series_key`'s text; CRC-32 makes it the same in every
+    process (the anomaly agent computes it too, to know which lane's progress a series follows).
+
+    >>> series_lane("signups|hour|", 6) == series_lane(series_key("signups", "hour", {}), 6)
+    True
+    """
+    return zlib.crc32(key.encode()) % lanes
+
+
 @dataclass(frozen=True, slots=True)
 class MetricPartial:
     """One source partition's aggregate of one window (stage one → stage two)."""
@@ -67,6 +101,12 @@ class MetricPartial:
     partition: int
     watermark: int
     state: Any
+
+    @property
+    def series_key(self) -> str:
+        """The :func:`~schemas.streams.series_key` of the window's series."""
+        dims = {self.dimension: self.dimension_value} if self.dimension else {}
+        return series_key(self.metric, self.period.value, dims)
 
     @property
     def window_key(self) -> WindowKey:
@@ -89,6 +129,9 @@ class WindowedMetrics:
         self.grace_ms = int(grace.total_seconds() * 1000)
         self.partition = partition
         self.watermark = 0
+        # What partials carry: the watermark at the end of the previous flush. The one a flush
+        # reaches is announced separately after its partials (see "Completeness").
+        self.announced = 0
         self.pending: dict[tuple[str, str, str, int], Any] = {}
         self.windows: dict[WindowKey, Any] = {}
         self.dirty: set[WindowKey] = set()
@@ -343,6 +386,7 @@ class WindowedMetrics:
             dirty.discard(wkey)
         if closed:
             log.debug("Partition %d closed %d windows at watermark %d", self.partition, len(closed), self.watermark)
+        self.announced = self.watermark
         return partials
 
     def _partial(self, wkey: WindowKey) -> MetricPartial:
@@ -356,7 +400,7 @@ class WindowedMetrics:
             dimension=dim,
             dimension_value=value,
             partition=self.partition,
-            watermark=self.watermark,
+            watermark=self.announced,
             state=self.windows[wkey].partial(),
         )
 
@@ -373,6 +417,7 @@ class WindowedMetrics:
     def restore(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state`."""
         self.watermark = state["watermark"]
+        self.announced = self.watermark  # a checkpoint follows a flush, and the flush's announcement
         self.pending = state["pending"]
         self.windows = state["windows"]
         self.dirty = state["dirty"]
@@ -390,6 +435,13 @@ class MetricValue:
     period_end: int
     dimensions: dict[str, str]
     value: float
+    final: bool = False
+
+    @property
+    def window_key(self) -> WindowKey:
+        """The merger's key of the window this value is of."""
+        dimension, value = next(iter(self.dimensions.items()), ("", ""))
+        return (self.metric, dimension, value, self.period, self.period_start)
 
     @property
     def key(self) -> tuple[str, str, int, str]:
@@ -408,6 +460,7 @@ class MetricValue:
             "dimensionsKey": dimensions_key(self.dimensions),
             "source": source,
             "computedAt": computed_at,
+            "final": self.final,
         }
 
     def to_snapshot(self, computed_at: int, source: str = "stream") -> MetricSnapshot:
@@ -429,14 +482,18 @@ class SnapshotMerger:
         aggregators: Mapping[str, MetricAggregator],
         evict_after: timedelta = timedelta(days=2),
         source_partitions: int | None = None,
+        grace: timedelta = DEFAULT_GRACE,
     ) -> None:
         self.aggregators = dict(aggregators)
         self.source_partitions = source_partitions
         self.evict_after_ms = int(evict_after.total_seconds() * 1000)
+        self.grace_ms = int(grace.total_seconds() * 1000)
         self.parts: dict[WindowKey, dict[int, Any]] = {}
         self.ends: dict[WindowKey, int] = {}
         self.partition_watermarks: dict[int, int] = {}
         self.evicted_through = -(1 << 62)  # windows ending at or before this were dropped
+        self.final_through = -(1 << 62)  # windows ending at or before this were published final
+        self._by_end: list[tuple[int, int, WindowKey]] = []  # heap of windows not yet final
         self.late_partials = 0
 
     @property
@@ -449,26 +506,67 @@ class SnapshotMerger:
             return 0
         return min(self.partition_watermarks.values(), default=0)
 
+    def note_watermark(self, partition: int, watermark: int) -> None:
+        """Record a source partition's progress (from a partial, or a watermark record without one)."""
+        if watermark > self.partition_watermarks.get(partition, -1):
+            self.partition_watermarks[partition] = watermark
+
     def add(self, partial: MetricPartial) -> MetricValue | None:
         """Take one partial; return the window's merged value (None if it is undefined)."""
         wkey = partial.window_key
-        if partial.watermark > self.partition_watermarks.get(partial.partition, -1):
-            self.partition_watermarks[partial.partition] = partial.watermark
+        self.note_watermark(partial.partition, partial.watermark)
         if wkey not in self.parts and partial.period_end <= self.evicted_through:
             self.late_partials += 1
             return None
-        parts = self.parts.setdefault(wkey, {})
+        parts = self.parts.get(wkey)
+        if parts is None:
+            parts = self.parts[wkey] = {}
+            if partial.period_end > self.final_through:
+                heapq.heappush(self._by_end, (partial.period_end, partial.period_start, wkey))
         parts[partial.partition] = partial.state
         self.ends[wkey] = partial.period_end
-        agg = self.aggregators[partial.metric]
-        merged = agg.new_partial()
-        for state in parts.values():
+        return self._value(wkey)
+
+    def restore_window(self, wkey: WindowKey, end: int, states: Mapping[int, Any]) -> None:
+        """Put back a window's partials (from the agent's table after a restart)."""
+        if wkey not in self.parts and end > self.final_through:
+            heapq.heappush(self._by_end, (end, wkey[4], wkey))
+        self.parts.setdefault(wkey, {}).update(states)
+        self.ends[wkey] = end
+
+    def _value(self, wkey: WindowKey, final: bool = False) -> MetricValue | None:
+        metric, dimension, dimension_value, period, start = wkey
+        merged = self.aggregators[metric].new_partial()
+        for state in self.parts[wkey].values():
             merged.merge(state)
         value = merged.value()
         if value is None:
             return None
-        dims = {partial.dimension: partial.dimension_value} if partial.dimension else {}
-        return MetricValue(partial.metric, partial.period, partial.period_start, partial.period_end, dims, value)
+        dims = {dimension: dimension_value} if dimension else {}
+        return MetricValue(metric, period, start, self.ends[wkey], dims, value, final)
+
+    def finalize(self) -> list[MetricValue]:
+        """The windows that became complete since the last call, marked ``final``, in order of their end.
+
+        Complete: every source partition's watermark (as seen by this merger) passed the
+        window's end plus the grace period. Call it after :meth:`add`; each window is
+        returned once (windows loaded again after a restart may come a second time: a
+        consumer ignores a period it already judged). A window whose value is undefined
+        (a ratio over nothing) is skipped.
+        """
+        horizon = self.watermark - self.grace_ms
+        if horizon <= self.final_through:
+            return []
+        self.final_through = horizon
+        done: list[MetricValue] = []
+        heap = self._by_end
+        while heap and heap[0][0] <= horizon:
+            _end, _start, wkey = heapq.heappop(heap)
+            if wkey in self.parts:  # not evicted meanwhile
+                value = self._value(wkey, final=True)
+                if value is not None:
+                    done.append(value)
+        return done
 
     def evict(self) -> int:
         """Drop windows that ended ``evict_after`` before the slowest partition's watermark."""

@@ -5,8 +5,8 @@
 device, as the collector keys them), the :class:`~streams.windows.SnapshotMerger` of the
 metrics agent, and the :class:`~streams.agents.anomalies.AnomalyAgent` with the detector
 bank its settings describe -- on event time. It flushes at every hour boundary of event
-time: all events of an hour have then been applied on every partition, so each hourly
-snapshot the agent sees is complete, as it is live.
+time, and the merger marks windows ``final`` as the worker's metrics stage does, so the
+agent judges hours exactly when the worker would.
 
 Only the windows the bank watches are computed (the catalogue trimmed to the settings'
 ``anomaly_periods`` and ``anomaly_dimensions``): minute, week and month windows are most
@@ -19,7 +19,7 @@ import copy
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from schemas.anomaly import Anomaly, AnomalyStatus, anomaly_codec
 from schemas.streams import metric_snapshot_codec
@@ -90,7 +90,7 @@ class AnomalyReplay:
         self.processors = [
             PartitionProcessor(p, aggregators, calendar, grace=grace) for p in range(self.partitions)
         ]
-        self.merger = SnapshotMerger(aggregators, source_partitions=self.partitions)
+        self.merger = SnapshotMerger(aggregators, source_partitions=self.partitions, grace=grace)
         is_additive = additive_metrics(catalogue)
         codec = anomaly_codec()
         self.agent = AnomalyAgent(
@@ -130,8 +130,12 @@ class AnomalyReplay:
                 value = self.merger.add(partial)
                 if value is not None:
                     self.agent.on_message(self._codec.encode(value.to_avro(clock_ms)))
+            # The flush's watermark, announced after its partials (as the worker's stage one does).
+            self.merger.note_watermark(processor.partition, processor.metrics.watermark)
+            for final in self.merger.finalize():
+                self.agent.on_message(self._codec.encode(final.to_avro(clock_ms)))
         self.merger.evict()
-        self.agent.flush(datetime.fromtimestamp(clock_ms / 1000, UTC))
+        self.agent.flush()  # judged as the worker judges: on final snapshots and the lane clock
 
     def fork(self) -> AnomalyReplay:
         """An independent copy of the whole state (to continue one history two ways)."""
@@ -152,6 +156,8 @@ class AnomalyReplay:
             wall_clock=lambda: 0.0,
         )
         twin.agent.stream_ms = self.agent.stream_ms
+        twin.agent.lane_ms = dict(self.agent.lane_ms)
+        twin.agent._lane_seen_at = dict(self.agent._lane_seen_at)
         return twin
 
     def opened(self) -> list[Anomaly]:

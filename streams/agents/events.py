@@ -48,7 +48,7 @@ from streams.events import StreamEvent
 from streams.periods import Period, PeriodCalendar
 from streams.processor import PartitionProcessor
 from streams.sessions import SessionWindow
-from streams.windows import MetricPartial
+from streams.windows import MetricPartial, series_lane
 from tidemark.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,14 @@ def partial_record(partial: MetricPartial) -> dict[str, Any]:
         "partition": partial.partition,
         "watermark": partial.watermark,
         "state": orjson.dumps(encode_state(partial.state)).decode(),
+    }
+
+
+def watermark_record(partition: int, watermark: int) -> dict[str, Any]:
+    """A ``metric_partial.avsc`` record carrying a partition's watermark alone (``metric`` empty)."""
+    return {
+        "metric": "", "period": "minute", "periodStart": 0, "periodEnd": 0, "dimension": "",
+        "dimensionValue": "", "partition": partition, "watermark": watermark, "state": "null",
     }
 
 
@@ -177,11 +185,12 @@ class EventsAgent:
         settings: Settings,
         aggregators: dict[str, MetricAggregator],
         publish_session: Callable[[bytes, bytes], None],
-        publish_partial: Callable[[bytes, bytes], None],
+        publish_partial: Callable[[bytes, bytes, int], None],
         save_checkpoint: Callable[[int, bytes], None],
         load_checkpoint: Callable[[int], bytes | None],
         commit: Callable[[int, int], None],
         outputs_durable: Callable[[], None] = lambda: None,
+        partial_lanes: int = 1,
     ) -> None:
         from datetime import timedelta
 
@@ -192,7 +201,8 @@ class EventsAgent:
         self.gap = timedelta(minutes=settings.session_inactivity_minutes)
         self.max_length = timedelta(minutes=settings.session_max_length_minutes)
         self.publish_session = publish_session
-        self.publish_partial = publish_partial
+        self.publish_partial = publish_partial  # (key, value, lane): a series' partials all go to its lane
+        self.partial_lanes = partial_lanes
         self.save_checkpoint = save_checkpoint
         self.load_checkpoint = load_checkpoint
         self.commit = commit
@@ -212,6 +222,7 @@ class EventsAgent:
         self.republish_max_seconds = settings.stream_republish_max_seconds
         self._session_codec = session_codec()
         self._partial_codec = metric_partial_codec()
+        self._announced: dict[int, int] = {}  # partition -> watermark announced to every lane
 
     def processor(self, partition: int) -> PartitionProcessor:
         """The partition's processor, restored from its checkpoint the first time it is needed."""
@@ -266,10 +277,12 @@ class EventsAgent:
         result = processor.flush(now=started)
         for session in result.sessions:
             self.publish_session(session.device_id.encode(), self._session_codec.encode(session_record(session)))
-        for partial in result.partials:
+        for partial in result.partials:  # carrying the watermark announced before this flush
             key = window_key_text(partial.metric, partial.dimension, partial.dimension_value,
                                   partial.period.value, partial.period_start)
-            self.publish_partial(key.encode(), self._partial_codec.encode(partial_record(partial)))
+            lane = series_lane(partial.series_key, self.partial_lanes)
+            self.publish_partial(key.encode(), self._partial_codec.encode(partial_record(partial)), lane)
+        self._announce_watermark(partition, processor.metrics.watermark)
         self._count_applied()
         due = started - self._checkpointed_at.get(partition, -1e18) >= self.checkpoint_seconds
         if not (due or waiting >= self.flush_events or force_checkpoint):
@@ -293,6 +306,22 @@ class EventsAgent:
             partition, waiting, len(result.sessions), len(result.partials), result.expired_sessions,
             time.monotonic() - started,
         )
+
+    def _announce_watermark(self, partition: int, watermark: int) -> None:
+        """Tell every lane how far the partition has got, once all of this flush's partials are out.
+
+        A lane completes a window when every source partition's announced watermark passed
+        the window's end plus the grace. Announcing it after the flush's partials -- never on
+        a partial itself -- means a lane cannot complete a window whose last partial from
+        this partition is still behind in the same flush; and a lane this partition sent
+        nothing to still learns how far it has got.
+        """
+        if watermark <= self._announced.get(partition, -1):
+            return
+        self._announced[partition] = watermark
+        record = self._partial_codec.encode(watermark_record(partition, watermark))
+        for lane in range(self.partial_lanes):
+            self.publish_partial(f"watermark|{partition}".encode(), record, lane)
 
     def flush_all(self) -> None:
         """Flush every partition (the periodic timer)."""
@@ -346,6 +375,7 @@ class EventsConsumer:
         aggregators: dict[str, MetricAggregator],
         partials_topic: str,
         batch_size: int = 5_000,
+        partial_lanes: int = 1,
     ) -> None:
         from tidemark.topics import EVENTS_RAW, SESSIONS
 
@@ -375,6 +405,7 @@ class EventsConsumer:
             load_checkpoint=lambda partition: read_partition_checkpoint(settings, partition),
             commit=self._checkpointed,
             outputs_durable=self.outputs_durable,
+            partial_lanes=partial_lanes,
         )
         self._stopping = threading.Event()
         self._closing = False
@@ -407,13 +438,13 @@ class EventsConsumer:
         if error is not None:
             self._delivery_failures.append(f"{message.topic()}: {error}")
 
-    def _publisher(self, topic: str) -> Callable[[bytes, bytes], None]:
+    def _publisher(self, topic: str) -> Callable[..., None]:
         produce, poll = self.producer.produce, self.producer.poll
 
-        def publish(key: bytes, value: bytes) -> None:
+        def publish(key: bytes, value: bytes, partition: int = -1) -> None:
             while True:
                 try:
-                    produce(topic, value, key)
+                    produce(topic, value, key, partition)  # -1: the default partitioner
                     return
                 except BufferError:  # local queue full: let deliveries drain
                     poll(0.05)

@@ -63,7 +63,7 @@ from typing import Any, Protocol
 
 from schemas.anomaly import Anomaly, AnomalyStatus, Severity
 from schemas.models import now_millis
-from schemas.streams import dimensions_key
+from schemas.streams import series_key
 from streams.anomaly.base import Observation, SeriesDetector
 from streams.anomaly.lifecycle import AlertLifecycle
 from streams.anomaly.registry import BUSINESS_PARAMS, DEFAULT_DETECTOR, build_detector
@@ -100,6 +100,9 @@ class BankConfig:
     resolve_ratio: float = 0.5
     periods: tuple[str, ...] = DEFAULT_PERIODS
     dimensions: tuple[str, ...] | None = None  # breakdowns watched; None: all of them
+    # True: a period is complete when its ``final`` snapshot comes (the stream worker's metrics
+    # stage marks it); False: when a snapshot of a later period comes (series fed in order).
+    wait_for_final: bool = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> BankConfig:
@@ -112,6 +115,7 @@ class BankConfig:
             resolve_ratio=settings.anomaly_resolve_ratio,
             periods=tuple(settings.anomaly_periods),
             dimensions=tuple(settings.anomaly_dimensions),
+            wait_for_final=True,
         )
 
     def watches(self, period: str, dimensions: Mapping[str, str]) -> bool:
@@ -140,17 +144,8 @@ class SeriesWatch:
     lifecycle: AlertLifecycle
     last_period_ms: int | None = None
     last_end_ms: int | None = None
-    pending: tuple[int, int, float] | None = None  # (period start ms, period end ms, latest value)
+    pending: dict[int, tuple[int, float]] = field(default_factory=dict)  # start ms -> (end ms, latest value)
     episode: Anomaly | None = None
-
-
-def series_key(metric_type: str, period: str, dimensions: Mapping[str, str]) -> str:
-    """The identity of a series: ``metric|period|dimensions key``.
-
-    >>> series_key("gmv", "day", {"country": "FR"})
-    'gmv|day|country=FR'
-    """
-    return f"{metric_type}|{period}|{dimensions_key(dict(dimensions))}"
 
 
 def anomaly_messages(anomalies: list[Anomaly]) -> list[tuple[bytes, bytes]]:
@@ -219,9 +214,10 @@ class DetectorBank:
     def process(self, snapshot: SnapshotLike) -> list[Anomaly]:
         """Take one snapshot; return the anomaly messages (new, escalated or resolved episodes) to publish.
 
-        The snapshot's period is held until complete; what is returned concerns the
-        previous period of the series, judged now because a later one began. Snapshots of
-        series the configuration does not watch are ignored.
+        The snapshot's period is held until complete -- its ``final`` snapshot came
+        (``wait_for_final``), or else a later period of the series began -- and what is
+        returned concerns the periods judged now. Snapshots of series the configuration
+        does not watch are ignored.
         """
         if not self.config.watches(snapshot.period, snapshot.dimensions):
             return []
@@ -232,27 +228,48 @@ class DetectorBank:
         start_ms = _millis(snapshot.period_start)
         if watch.last_period_ms is not None and start_ms <= watch.last_period_ms:
             return []  # this period was already judged
+        series = _Held(snapshot.metric_type, snapshot.period, dict(snapshot.dimensions))
         found: list[Anomaly] = []
-        if watch.pending is not None:
-            if start_ms < watch.pending[0]:
+        if not self.config.wait_for_final:
+            if watch.pending and start_ms < min(watch.pending):
                 return []  # older than the period being filled: late, ignored
-            if start_ms > watch.pending[0]:
-                found = self._judge(watch, snapshot)
-                found += self._fill_gap(watch, snapshot, start_ms)
-        watch.pending = (start_ms, _millis(snapshot.period_end), float(snapshot.value))
+            found = self._judge_before(watch, series, start_ms)
+            found += self._fill_gap(watch, series, start_ms)
+        watch.pending[start_ms] = (_millis(snapshot.period_end), float(snapshot.value))
+        if self.config.wait_for_final and getattr(snapshot, "final", False):
+            found = self._judge_before(watch, series, start_ms + 1)
         return found
 
-    def close_due(self, now: datetime, grace_seconds: float = 0.0) -> list[Anomaly]:
-        """Judge every held period that ended more than ``grace_seconds`` before ``now``."""
-        limit = _millis(now) - int(grace_seconds * 1000)
+    def close_due(
+        self, now: datetime | None, grace_seconds: float = 0.0, limit_for: Callable[[str], int | None] | None = None
+    ) -> list[Anomaly]:
+        """Judge every held period that ended more than ``grace_seconds`` before ``now``.
+
+        ``limit_for(series key)``, when given, replaces ``now`` minus the grace per series:
+        the time (ms) up to which that series' periods are known complete (``None``: not yet
+        known). Periods without a snapshot up to the limit are judged as zeros (additive metrics).
+        """
+        common = None if now is None else _millis(now) - int(grace_seconds * 1000)
         found: list[Anomaly] = []
         for key, watch in self._series.items():
+            limit = limit_for(key) if limit_for is not None else common
+            if limit is None:
+                continue
             metric_type, period, _ = key.split("|", 2)
             series = _Held(metric_type, period, _dimensions_from_key(key))
-            if watch.pending is not None and watch.pending[1] <= limit:
-                found.extend(self._judge(watch, series))
-            if watch.pending is None:
-                found.extend(self._fill_gap(watch, series, limit))
+            ended = [start for start, (end, _value) in watch.pending.items() if end <= limit]
+            if ended:
+                found.extend(self._judge_before(watch, series, max(ended) + 1))
+            found.extend(self._fill_gap(watch, series, min([limit, *watch.pending])))
+        return found
+
+    def _judge_before(self, watch: SeriesWatch, series: Any, until_ms: int) -> list[Anomaly]:
+        """Judge, in period order, every held period starting before ``until_ms`` (zeros in the gaps)."""
+        found: list[Anomaly] = []
+        for start in sorted(s for s in watch.pending if s < until_ms):
+            end, value = watch.pending.pop(start)
+            found.extend(self._fill_gap(watch, series, start))
+            found.extend(self._judge(watch, series, start, end, value))
         return found
 
     def _fill_gap(self, watch: SeriesWatch, series: Any, until_ms: int) -> list[Anomaly]:
@@ -267,15 +284,11 @@ class DetectorBank:
         first = watch.last_end_ms + max(0, missing - MAX_GAP_FILL) * step
         for k in range(min(missing, MAX_GAP_FILL)):
             start = first + k * step
-            watch.pending = (start, start + step, 0.0)
-            found.extend(self._judge(watch, series))
+            found.extend(self._judge(watch, series, start, start + step, 0.0))
         return found
 
-    def _judge(self, watch: SeriesWatch, series: Any) -> list[Anomaly]:
-        """Score, learn and advance the lifecycle with the held (complete) period of ``watch``."""
-        assert watch.pending is not None
-        start_ms, end_ms, value = watch.pending
-        watch.pending = None
+    def _judge(self, watch: SeriesWatch, series: Any, start_ms: int, end_ms: int, value: float) -> list[Anomaly]:
+        """Score, learn and advance the lifecycle with one complete period of ``watch``."""
         period_start = datetime.fromtimestamp(start_ms / 1000, tz=UTC)
         period_end = datetime.fromtimestamp(end_ms / 1000, tz=UTC)
         x: Observation = {"value": value, "t": period_start}
@@ -351,7 +364,7 @@ class DetectorBank:
             "calm": watch.lifecycle.calm_streak,
             "last": watch.last_period_ms,
             "last_end": watch.last_end_ms,
-            "pending": list(watch.pending) if watch.pending else None,
+            "pending": [[start, end, value] for start, (end, value) in sorted(watch.pending.items())],
             "episode": watch.episode.model_dump(mode="json", by_alias=True) if watch.episode else None,
         }
 
@@ -362,8 +375,10 @@ class DetectorBank:
         watch.lifecycle.calm_streak = int(state["calm"])
         watch.last_period_ms = state["last"]
         watch.last_end_ms = state.get("last_end")
-        pending = state.get("pending")
-        watch.pending = (int(pending[0]), int(pending[1]), float(pending[2])) if pending else None
+        pending = state.get("pending") or []
+        if pending and not isinstance(pending[0], list):
+            pending = [pending]  # written when a series held one period at most
+        watch.pending = {int(start): (int(end), float(value)) for start, end, value in pending}
         watch.episode = Anomaly.model_validate(state["episode"]) if state.get("episode") else None
         return watch
 

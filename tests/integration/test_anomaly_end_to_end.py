@@ -14,7 +14,7 @@ Choices, and why
   against the recent hours; with seasonal traffic it would need days of history per
   hour-of-day slot, far more events than the worker gets through in a test. Weeks of seasonal
   traffic with the default settings are covered in-process by ``test_anomaly_clean_run.py``.
-- **Volume: 4,500 sessions a day** (~900 events an hour, 28 hours, ~26,000 events): the worker
+- **Volume: 4,500 sessions a day** (~900 events an hour, 30 hours, ~28,000 events): the worker
   computes every catalogue metric at five periods with its breakdowns, which on a busy 2-core
   machine is a few hundred events a second.
 - **Detector: the default (``seasonal_likelihood``) with the business parameters, and a short
@@ -31,17 +31,14 @@ Choices, and why
   and so errors too, which is why the error burst comes first). At ~16 fundings an hour GMV
   varies by ±35 % from hour to hour by chance: a page on any revenue-family metric (GMV,
   revenue, processing fees, transaction count) counts for the outage.
-- **Hour by hour, like live traffic.** The bank judges an hour when the next hour's snapshot
-  arrives: live, the hour's snapshots are all out by then. A replay at full speed is different:
-  one ``events.raw`` partition runs hours of event time ahead of another (the worker fetches a
-  partition in batches of thousands of events), the metrics merging falls behind, and the
-  anomaly agent meets hours of snapshots on three partitions out of order; hours are judged
-  before they are complete and the judgements are noise (seen while writing this test). So
-  ``events.raw`` has one partition here (everything else -- the worker, its internal topics,
-  ``metrics``, ``anomalies`` -- is as deployed), and the events go one hour at a time: the next
-  hour is produced once the ``metrics`` topic shows this one complete -- its totals equal to
-  counts of the generated events, which also checks the worker's numbers. The worker publishes
-  an open hour's totals every 10 s, so this takes a few minutes.
+- **A backlog, caught up at full speed.** All events are in ``events.raw`` (six partitions,
+  keyed like the collector keys them) before the worker starts, as after an outage. The
+  worker fetches a partition in batches of thousands of events, so one partition runs hours
+  of event time ahead of another, and the snapshots of an hour arrive long before the hour
+  is complete. The bank judges an hour on its ``final`` snapshot only (published when every
+  partition has passed the hour's end plus the grace period), so every judgement is made on
+  the complete hour. The test checks that too: every final hourly total of the checked
+  metrics equals the count in the generated events.
 - **Bounded delay:** an incident must page for a window starting at most ``MAX_WINDOWS - 1``
   hours after it began, and resolve after it ended. Observed with this seed: each pages for
   its first hour (the outage through ``revenue``), and resolves 5-6 hours after it ended.
@@ -53,7 +50,6 @@ import json
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -62,22 +58,20 @@ from uuid import uuid4
 
 import pytest
 from confluent_kafka import Consumer
-from confluent_kafka.admin import AdminClient
 
 from consumers.alerts.consumer import AlertConsumer
 from schemas.models import AnalyticsEvent
 from schemas.streams import MetricSnapshot, metric_snapshot_codec
-from streams.agents.anomalies import anomaly_state_topic
 from tests.fixtures.server import wait_until
-from tests.integration.stream_worker import WorkerProcess, high_watermarks, produce_events
+from tests.integration.stream_worker import WorkerProcess, produce_events
 from tidemark.demo import InjectedAnomaly, TrafficConfig, generate_events
 from tidemark.settings import Settings
-from tidemark.topics import EVENTS_RAW, METRICS, ensure_topics
+from tidemark.topics import METRICS, ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(720)]
 
 START = datetime(2026, 3, 2, tzinfo=UTC)  # a Monday
-HOURS = 28
+HOURS = 30
 SEED = 6
 SESSIONS_PER_DAY = 4500.0
 INCIDENTS = (
@@ -150,7 +144,7 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 
 class HourlyTotals:
-    """Reads ``metrics``: the latest value of each checked metric's hourly total, by hour."""
+    """Reads ``metrics``: the final hourly total of each checked metric, by hour."""
 
     def __init__(self, settings: Settings) -> None:
         self.consumer = Consumer({
@@ -161,28 +155,16 @@ class HourlyTotals:
         })
         self.consumer.subscribe([settings.topic(METRICS.name)])
         self.codec = metric_snapshot_codec()
-        self.latest: dict[tuple[str, datetime], MetricSnapshot] = {}
+        self.finals: dict[tuple[str, datetime], list[float]] = defaultdict(list)
 
     def poll(self) -> None:
         for message in self.consumer.consume(5000, timeout=0.2):
             if message.error():
                 continue
             snapshot = MetricSnapshot.from_avro(self.codec.decode(message.value()))
-            if snapshot.period != "hour" or snapshot.dimensions or snapshot.metric_type not in CHECKED:
-                continue
-            key = (snapshot.metric_type, snapshot.period_start)
-            held = self.latest.get(key)
-            if held is None or snapshot.computed_at >= held.computed_at:
-                self.latest[key] = snapshot
-
-    def complete(self, hour: datetime, expected: dict[str, int]) -> bool:
-        """Whether every checked total of ``hour`` equals its count in the generated events."""
-        self.poll()
-        for metric, count in expected.items():
-            held = self.latest.get((metric, hour))
-            if count and (held is None or held.value != count):
-                return False
-        return True
+            if (snapshot.final and snapshot.period == "hour" and not snapshot.dimensions
+                    and snapshot.metric_type in CHECKED):
+                self.finals[(snapshot.metric_type, snapshot.period_start)].append(snapshot.value)
 
 
 def hourly_counts(events: list[AnalyticsEvent]) -> dict[datetime, dict[str, int]]:
@@ -206,71 +188,63 @@ def test_injected_incidents_page_on_call_and_resolve(
     events = list(generate_events(config))
     reference = hourly_counts(events)
 
-    # Topics of this test's own, events.raw with a single partition (see the module docstring).
+    # Topics of this test's own, as deployed; the whole backlog is there before the worker starts.
     settings = kafka_settings.model_copy(update={
         "topic_prefix": kafka_settings.topic_prefix + "e2e.",
         "consumer_group_prefix": kafka_settings.consumer_group_prefix + ".e2e",
         "alert_webhook_url": receiver.url,
     })
-    ensure_topics(settings, (replace(EVENTS_RAW, partitions=1),))
     ensure_topics(settings)
+    assert produce_events(settings, events) == len(events)
 
     worker = WorkerProcess(settings, tmp_path / "worker", extra_env={
         "TIDEMARK_ANOMALY_DETECTOR_PARAMS": json.dumps(DETECTOR_PARAMS),
-        # The deployed flush cadence (the helper's small batches suit short tests, not 26,000 events).
+        # The deployed flush cadence (the helper's small batches suit short tests, not 28,000 events).
         "TIDEMARK_STREAM_FLUSH_SECONDS": str(Settings.model_fields["stream_flush_seconds"].default),
         "TIDEMARK_STREAM_FLUSH_EVENTS": str(Settings.model_fields["stream_flush_events"].default),
-        # Open hours re-published every second (deployed: every 10 s), so each simulated hour's
-        # totals show up at once instead of adding 10 s of waiting per hour.
-        "TIDEMARK_STREAM_REPUBLISH_MAX_SECONDS": "1",
     })
     alerts = AlertConsumer(settings)
     totals = HourlyTotals(settings)
     worker.start()
     alerts.start()
     try:
-        # Hour by hour, like live traffic (see the module docstring): the next hour goes once the
-        # metrics topic shows this one complete.
-        state_topic = anomaly_state_topic(settings)
-        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-
-        def anomaly_agent_consuming() -> bool:
-            worker.check_alive()
-            if state_topic not in admin.list_topics(timeout=10).topics:  # the worker creates it
-                return False
-            return high_watermarks(settings, state_topic, 1)[0] > 0
-
-        produced = 0
-        for k in range(HOURS):
-            hour = START + k * HOUR
-            end = produced
-            while end < len(events) and events[end].timestamp < hour + HOUR:
-                end += 1
-            produce_events(settings, events[produced:end])
-            produced = end
-            if k == 0:
-                wait_until(anomaly_agent_consuming, 180, "the anomaly agent's first checkpoint", interval=0.5)
-
-            def hour_complete(hour: datetime = hour) -> bool:
-                worker.check_alive()
-                assert alerts.is_alive(), "alert delivery stopped"
-                return totals.complete(hour, reference[hour])
-
-            if k < HOURS - 1:
-                wait_until(hour_complete, 120, f"the totals of {hour:%d %H}:00", interval=0.1)
-        assert produced == len(events)
-
         def paged_and_resolved() -> bool:
             worker.check_alive()
             assert alerts.is_alive(), "alert delivery stopped"
+            totals.poll()
             posts = receiver.received()
             return all(_resolve_of(posts, _first_trigger(posts, incident)) for incident in INCIDENTS)
 
-        wait_until(paged_and_resolved, 300, "a trigger and a resolve for every incident", interval=0.5)
+        wait_until(paged_and_resolved, 480, "a trigger and a resolve for every incident", interval=0.5)
+
+        # Every hour that ended before the last events (plus grace) goes out final, once, and complete.
+        judged_hours = [START + k * HOUR for k in range(HOURS - 1)]
+
+        missing: list[str] = []
+
+        def all_final() -> bool:
+            worker.check_alive()
+            totals.poll()
+            missing[:] = [f"{metric} {hour:%d %H}:00" for hour in judged_hours
+                          for metric, count in reference.get(hour, {}).items()
+                          if count and (metric, hour) not in totals.finals]
+            return not missing
+
+        try:
+            wait_until(all_final, 120, "final hourly totals of every checked metric", interval=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; missing: {missing[:20]}") from None
     finally:
         worker.stop()
         alerts.stop()
         totals.consumer.close()
+
+    wrong = {
+        (metric, f"{hour:%d %H}:00"): (values, reference.get(hour, {}).get(metric, 0))
+        for (metric, hour), values in totals.finals.items()
+        if any(value != reference.get(hour, {}).get(metric, 0) for value in values)
+    }
+    assert not wrong, f"final totals that differ from the events (final values, expected): {wrong}"
 
     posts = receiver.received()
     assert all(post["version"] == "1" for post in posts)

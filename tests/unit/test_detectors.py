@@ -212,9 +212,9 @@ def test_close_due_judges_a_series_that_went_silent() -> None:
     bank.process(only)
     assert bank.close_due(only.period_end, grace_seconds=60) == []
     watch = bank._series["signups|hour|country=A%26B"]
-    assert watch.pending is not None
+    assert watch.pending
     bank.close_due(only.period_end + timedelta(seconds=61), grace_seconds=60)
-    assert watch.pending is None and watch.detector.n_seen == 1
+    assert not watch.pending and watch.detector.n_seen == 1
 
 
 def test_silent_periods_of_additive_metrics_count_as_zeros() -> None:
