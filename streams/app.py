@@ -141,6 +141,10 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.stream_web_port or 6066,
         web_bind="127.0.0.1",
         table_cleanup_interval=3600.0,
+        # The merging agent acknowledges on its flush timer, which no longer runs while the
+        # worker stops: waiting for "in-flight" messages would hold the stop until it is killed.
+        # What was not acknowledged is merged again by the next owner (replacing, so harmless).
+        stream_wait_empty=False,
         producer_acks=-1,
         # The merged-windows table writes every partial's state (sets of thousands of ids) to its changelog.
         producer_compression_type="lz4",
