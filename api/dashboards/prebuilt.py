@@ -12,7 +12,7 @@ Definitions that are not plain catalogue metrics live here as read-only SQL, doc
   bucket, exact for any zone: see sinks/migrations.py) and stitches anonymous devices to people
   through ``identities`` as ``events_resolved`` does; the events themselves are read only for
   the stretch between the last week start and a range end that cuts a bucket, and for ranges
-  over 62 weeks (a person's weeks are bits of one UInt64);
+  over 62 weeks (a person's weeks are bits of one UInt64), stitched the same way;
 - float balance: running sum over the range of money entering the platform's hands
   (contributions net of fees, loan repayments) minus money leaving it (payouts of funded
   projects, refunds of expired ones, loan disbursements);
@@ -23,6 +23,7 @@ Definitions that are not plain catalogue metrics live here as read-only SQL, doc
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from sqlalchemy import select
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.auth import BOOTSTRAP_ADMIN_EMAIL, find_or_create_user
 from api.dashboards.models import DashboardIn
-from api.metadata.models import Dashboard
+from api.metadata.models import Dashboard, DashboardWidget
 from sinks.migrations import ACTIVITY_BUCKET_SECONDS, ANY_EVENT_NAME
 
 CARD_COST_RATE = 0.022
@@ -92,10 +93,18 @@ WITH
         GROUP BY person_id
     ),
     per_person_raw AS (
-        -- every person's active weeks from the events, when the rollup cannot answer
-        SELECT person_id, groupUniqArray({_week_of("timestamp")}) AS weeks
-        FROM events_resolved
-        WHERE NOT from_rollup AND timestamp >= {_START} - INTERVAL 14 DAY AND timestamp < {_END}
+        -- every person's active weeks from the events, when the rollup cannot answer (both sides
+        -- read nothing otherwise); duplicates of an event change no set, so no FINAL
+        SELECT if(e.user_id != '', e.user_id, if(l.user_id != '', l.user_id, e.anonymous_id)) AS person_id,
+               groupUniqArray({_week_of("e.timestamp")}) AS weeks
+        FROM (
+            SELECT user_id, anonymous_id, timestamp FROM events
+            WHERE NOT from_rollup AND timestamp >= {_START} - INTERVAL 14 DAY AND timestamp < {_END}
+        ) AS e
+        LEFT ANY JOIN (
+            SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities
+            WHERE NOT from_rollup GROUP BY anonymous_id
+        ) AS l ON l.anonymous_id = if(e.user_id = '', e.anonymous_id, '')
         GROUP BY person_id
     )
 SELECT t, retention_rate FROM (
@@ -258,8 +267,23 @@ PREBUILT: dict[str, dict[str, Any]] = {
 }
 
 
+#: SHA-256 of the weekly retention widget's earlier SQL texts: a pre-built widget still holding
+#: one of them exactly (nobody edited it) is moved to ``RETENTION_SQL`` at start.
+SUPERSEDED_RETENTION_SQL = frozenset(
+    {
+        "7d087e712b38afe20c8647f352fe06b6aa7103e280b1b7cd09d555d931529cd6",  # every event, events_resolved
+        "441977bb8f974ae01714e445d74a051604eb95e6da12e2580a46b48eb32cbe2e",  # the rollup, stitched in two reads
+        "c412c96b2120b4365a4e4d9058b9ed0faa3432313ca3da4532e9f2ce9d8e6a6e",  # the rollup, fallback via events_resolved
+    }
+)
+
+
 def ensure_prebuilt(sessions: sessionmaker[Session]) -> list[str]:
-    """Create the pre-built dashboards that do not exist yet; return the slugs created."""
+    """Create the pre-built dashboards that do not exist yet; return the slugs created.
+
+    Existing ones are left as they are, except a widget whose SQL is an earlier text of one of
+    ours, unedited (see :data:`SUPERSEDED_RETENTION_SQL`): it gets the current text.
+    """
     created: list[str] = []
     from api.routes.dashboards import create_dashboard_row
 
@@ -271,5 +295,17 @@ def ensure_prebuilt(sessions: sessionmaker[Session]) -> list[str]:
                 continue
             create_dashboard_row(session, owner.id, DashboardIn.model_validate(definition), prebuilt_slug=slug)
             created.append(slug)
+        _upgrade_superseded_sql(session)
         session.commit()
     return created
+
+
+def _upgrade_superseded_sql(session: Session) -> None:
+    """Give pre-built widgets still holding an earlier SQL text of ours (unedited) the current text."""
+    widgets = session.scalars(select(DashboardWidget).join(Dashboard).where(Dashboard.prebuilt_slug.is_not(None))).all()
+    for widget in widgets:
+        source = dict(widget.data_source or {})
+        sql = source.get("sql")
+        superseded = isinstance(sql, str) and hashlib.sha256(sql.encode()).hexdigest() in SUPERSEDED_RETENTION_SQL
+        if source.get("kind") == "sql" and superseded:
+            widget.data_source = {**source, "sql": RETENTION_SQL}

@@ -8,19 +8,24 @@ identity stitching, local weeks in the reporting timezone (``zoneinfo``), the ra
 
 from __future__ import annotations
 
+import hashlib
 import random
 import uuid
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from sqlalchemy import select
 
-from api.dashboards.prebuilt import RETENTION_SQL
+from api.dashboards.prebuilt import RETENTION_SQL, SUPERSEDED_RETENTION_SQL, ensure_prebuilt
 from api.dashboards.widgets import run_read_only
+from api.metadata.models import DashboardWidget
 from sinks.migrations import ANY_EVENT_NAME, apply_migrations
 from tests.analysis_reference import Event, insert_events, resolve_people
+from tests.integration.query_api_support import build_app, close
 
 pytestmark = pytest.mark.integration
 
@@ -293,3 +298,26 @@ def test_migration_backfills_events_already_present(ch_db: Client) -> None:
     insert_events(ch_db, [late])
     want = retention_rate_reference([*events, late], start, end, "Asia/Kolkata", 1)
     assert_same(widget_rates(ch_db, start, end, "Asia/Kolkata", 1), want)
+
+
+def test_seeded_dashboards_get_the_current_retention_sql_unless_edited(ch_db: Client, tmp_path: Path) -> None:
+    """A database seeded with an earlier text of the widget's SQL gets the current one at start."""
+    earlier = (Path(__file__).parent / "retention_sql_before_rollup.sql").read_text().strip()
+    assert hashlib.sha256(earlier.encode()).hexdigest() in SUPERSEDED_RETENTION_SQL
+    app = build_app(ch_db, tmp_path)
+    try:
+        sessions = app.state.metadata_sessions
+        with sessions() as session:
+            widgets = session.scalars(select(DashboardWidget).order_by(DashboardWidget.id)).all()
+            retention = next(w for w in widgets if w.title == "Weekly retention rate")
+            margin = next(w for w in widgets if w.title == "Gross margin")
+            retention.data_source = {"kind": "sql", "sql": earlier}
+            margin.data_source = {"kind": "sql", "sql": earlier + "\n-- edited"}  # someone's own edit
+            session.commit()
+            ids = retention.id, margin.id
+        assert ensure_prebuilt(sessions) == []
+        with sessions() as session:
+            assert session.get(DashboardWidget, ids[0]).data_source == {"kind": "sql", "sql": RETENTION_SQL}
+            assert session.get(DashboardWidget, ids[1]).data_source["sql"] == earlier + "\n-- edited"
+    finally:
+        close(app)
