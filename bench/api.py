@@ -2,9 +2,9 @@
 
 Loads ``--events`` rows (default 10 million) into a fresh embedded ClickHouse with one
 ``INSERT ... SELECT ... FROM numbers(N)`` (the demo's event mix, people, communities,
-countries and amounts, spread over the last 30 days; merged as background merges leave
-them), opens the query API in-process on a
-temporary SQLite metadata database, then requests every widget of the pre-built Executive
+countries and amounts, spread over the last 30 days; events and the weekly activity rollup
+merged as background merges leave them), opens the query API in-process on a temporary
+SQLite metadata database, then requests every widget of the pre-built Executive
 dashboard ``--rounds`` times over HTTP (FastAPI's test client: no network in the figures)
 and prints p50/p95 latency per widget and overall, three ways: computed on every request
 (``refresh=true``) from raw events only, computed with metric snapshots present, and served
