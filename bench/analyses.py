@@ -115,6 +115,7 @@ def main() -> None:
     # As background merges leave it: one bulk insert gives the weekly activity rollup (fed at insert
     # time) a row per insert block, actor and week until merged.
     client.command("OPTIMIZE TABLE activity_weeks FINAL")
+    client.command("OPTIMIZE TABLE identities FINAL")  # the same for the identity links (one per device)
     total, people = client.query("SELECT count(), uniqExact(person_id) FROM events_resolved").result_rows[0]
     print(f"events_resolved: {total:,} events, {people:,} people (after stitching)")
 

@@ -126,6 +126,7 @@ def main() -> int:
     # The steady state background merges reach: one bulk insert leaves the weekly activity
     # rollup (fed at insert time) with a row per insert block, actor and week until merged.
     client.command("OPTIMIZE TABLE activity_weeks FINAL")
+    client.command("OPTIMIZE TABLE identities FINAL")  # the same for the identity links (one per device)
     load_s = time.perf_counter() - started
     loaded = client.query("SELECT count() FROM events").result_rows[0][0]
     print(f"loaded {loaded:,} events in {load_s:.1f} s ({loaded / load_s:,.0f} rows/s)")
