@@ -199,7 +199,7 @@ def test_injected_incidents_page_on_call_and_resolve(
 
     worker = WorkerProcess(settings, tmp_path / "worker", extra_env={
         "TIDEMARK_ANOMALY_DETECTOR_PARAMS": json.dumps(DETECTOR_PARAMS),
-        # The deployed flush cadence (the helper's small batches suit short tests, not 28,000 events).
+        # The deployed flush cadence (WorkerProcess's small batches suit short tests, not 28,000 events).
         "TIDEMARK_STREAM_FLUSH_SECONDS": str(Settings.model_fields["stream_flush_seconds"].default),
         "TIDEMARK_STREAM_FLUSH_EVENTS": str(Settings.model_fields["stream_flush_events"].default),
     })
