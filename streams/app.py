@@ -32,7 +32,6 @@ device's sessions stay on one worker). Start more workers with the same settings
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import timedelta
 from typing import Any
@@ -40,13 +39,13 @@ from typing import Any
 import faust
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from mode import Service
 
 from schemas.codec import SchemaError
 from schemas.streams import metric_partial_codec
 from streams.agents.anomalies import register_anomaly_agent
 from streams.agents.events import MAX_CHECKPOINT_BYTES, EventsConsumer, checkpoint_topic
 from streams.agents.metrics import MetricsAgent, snapshot_partition
+from streams.agents.threaded import run_as_service
 from streams.aggregators import compile_catalogue
 from streams.catalogue import get_catalogue
 from tidemark.settings import Settings
@@ -189,23 +188,7 @@ def create_app(settings: Settings) -> faust.App:
 
     events = EventsConsumer(settings, aggregators, settings.topic(PARTIALS_TOPIC), partial_lanes=PARTIALS_PARTITIONS)
 
-    @app.service
-    class EventsStage(Service):
-        """Runs the events consumer's thread while the worker runs; a failure there stops the worker."""
-
-        async def on_start(self) -> None:
-            events.start()
-
-        async def on_stop(self) -> None:
-            await asyncio.get_running_loop().run_in_executor(None, events.stop)
-
-        @Service.task
-        async def _watch(self) -> None:
-            while not self.should_stop:
-                if events.failure is not None or not events.running:
-                    await self.crash(events.failure or RuntimeError("the events consumer stopped"))
-                    return
-                await self.sleep(1.0)
+    run_as_service(app, events, "events consumer")
 
     publish_metric = publisher(settings.topic(METRICS.name))
     metrics_partitions = partition_count(settings, METRICS)

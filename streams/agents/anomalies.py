@@ -41,7 +41,6 @@ The bank is one per worker process: run the anomaly agent on a single worker (th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -58,6 +57,7 @@ from prometheus_client import Counter
 from schemas.anomaly import Anomaly
 from schemas.codec import SchemaError
 from schemas.streams import MetricSnapshot, metric_snapshot_codec
+from streams.agents.threaded import ConsumerThread, run_as_service
 from streams.anomaly.series import BankConfig, DetectorBank, anomaly_messages, series_key
 from streams.catalogue import Aggregation, Catalogue
 from streams.windows import series_lane
@@ -434,7 +434,7 @@ def build_anomaly_agent(
     )
 
 
-class AnomalyConsumer:
+class AnomalyConsumer(ConsumerThread):
     """Reads ``metrics`` with librdkafka in a thread of its own and drives an :class:`AnomalyAgent`.
 
     Why not a Faust agent: the agent needs a small share of what ``metrics`` carries (hourly
@@ -444,6 +444,8 @@ class AnomalyConsumer:
     decoding. Offsets are committed only up to what a durable bank checkpoint reflects
     (the agent's ``ack``), so a restart re-reads exactly what the bank has not seen.
     """
+
+    thread_name = "anomaly-consumer"
 
     def __init__(
         self,
@@ -457,34 +459,15 @@ class AnomalyConsumer:
     ) -> None:
         from tidemark.topics import METRICS
 
+        super().__init__()
         self.settings = settings
         self.topic = settings.topic(METRICS.name)
         self.group = f"{settings.topic_prefix}{settings.stream_app_id}-anomalies"
         self.batch_size = batch_size
-        self.failure: BaseException | None = None
         self._to_commit: dict[int, int] = {}
         self.agent = build_anomaly_agent(
             settings, catalogue, publisher, outputs_durable, self._acknowledged, max_checkpoint_bytes, lanes=lanes
         )
-        self._stopping = threading.Event()
-        self._closing = False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start consuming (returns at once)."""
-        self._thread = threading.Thread(target=self._run, name="anomaly-consumer", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 25.0) -> None:
-        """Judge and checkpoint what was consumed, commit, leave the group, and wait for the thread."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def running(self) -> bool:
-        """Whether the consuming thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
 
     def _acknowledged(self, message: Any) -> None:
         partition, offset = message
@@ -550,27 +533,7 @@ def register_anomaly_agent(
     lanes: int = 1,
 ) -> AnomalyAgent:
     """Run an :class:`AnomalyConsumer` as a service of the Faust ``app`` (a failure there stops the worker)."""
-    from mode import Service
-
     ensure_state_topic(settings, max_message_bytes)
     anomalies = AnomalyConsumer(settings, catalogue, publisher, outputs_durable, max_message_bytes, lanes=lanes)
-
-    @app.service
-    class AnomalyStage(Service):
-        """Runs the anomaly consumer's thread while the worker runs."""
-
-        async def on_start(self) -> None:
-            anomalies.start()
-
-        async def on_stop(self) -> None:
-            await asyncio.get_running_loop().run_in_executor(None, anomalies.stop)
-
-        @Service.task
-        async def _watch(self) -> None:
-            while not self.should_stop:
-                if anomalies.failure is not None or not anomalies.running:
-                    await self.crash(anomalies.failure or RuntimeError("the anomaly consumer stopped"))
-                    return
-                await self.sleep(1.0)
-
+    run_as_service(app, anomalies, "anomaly consumer")
     return anomalies.agent

@@ -32,7 +32,6 @@ and commits it when it is revoked.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from prometheus_client import Counter
 
 from schemas.streams import metric_partial_codec, session_codec
+from streams.agents.threaded import ConsumerThread
 from streams.aggregators import MetricAggregator, encode_state
 from streams.events import StreamEvent
 from streams.periods import Period, PeriodCalendar
@@ -359,7 +359,7 @@ class EventsAgent:
                 seen[period] = count
 
 
-class EventsConsumer:
+class EventsConsumer(ConsumerThread):
     """Reads ``events.raw`` with librdkafka in a thread of its own and drives an :class:`EventsAgent`.
 
     Sessions, partials and checkpoints go out through one librdkafka producer whose every
@@ -368,6 +368,8 @@ class EventsConsumer:
     ``stream_commit_seconds``. A failure stops the thread and is kept in :attr:`failure`
     (the worker then stops: whatever was not checkpointed is replayed by the next owner).
     """
+
+    thread_name = "events-consumer"
 
     def __init__(
         self,
@@ -379,12 +381,12 @@ class EventsConsumer:
     ) -> None:
         from tidemark.topics import EVENTS_RAW, SESSIONS
 
+        super().__init__()
         self.settings = settings
         self.topic = settings.topic(EVENTS_RAW.name)
         # The group the stream worker has always consumed events.raw in (committed offsets carry over).
         self.group = f"{settings.topic_prefix}{settings.stream_app_id}"
         self.batch_size = batch_size
-        self.failure: BaseException | None = None
         self._checkpoints = checkpoint_topic(settings)
         self._delivery_failures: list[str] = []
         self.producer = Producer({
@@ -407,25 +409,6 @@ class EventsConsumer:
             outputs_durable=self.outputs_durable,
             partial_lanes=partial_lanes,
         )
-        self._stopping = threading.Event()
-        self._closing = False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start consuming (returns at once)."""
-        self._thread = threading.Thread(target=self._run, name="events-consumer", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 25.0) -> None:
-        """Checkpoint and commit every partition, leave the group, and wait for the thread."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def running(self) -> bool:
-        """Whether the consuming thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
 
     def outputs_durable(self) -> None:
         """Wait until everything produced so far is delivered; raise if anything was not."""
