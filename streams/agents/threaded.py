@@ -52,6 +52,8 @@ def run_as_service(app: Any, consumer: ConsumerThread, what: str) -> None:
     from mode import Service
 
     class ConsumerStage(Service):
+        """Runs the consumer's thread while the worker runs; a failure there stops the worker."""
+
         async def on_start(self) -> None:
             consumer.start()
 
@@ -66,6 +68,4 @@ def run_as_service(app: Any, consumer: ConsumerThread, what: str) -> None:
                     return
                 await self.sleep(1.0)
 
-    ConsumerStage.__doc__ = f"Runs the {what}'s thread while the worker runs; a failure there stops the worker."
-    ConsumerStage.__name__ = ConsumerStage.__qualname__ = "".join(w.title() for w in what.split()) + "Stage"
     app.service(ConsumerStage)
