@@ -43,7 +43,12 @@ def series_key(metric_type: str, period: str, dimensions: Mapping[str, str]) -> 
     >>> series_key("gmv", "day", {"country": "FR"})
     'gmv|day|country=FR'
     """
-    return f"{metric_type}|{period}|{dimensions_key(dict(dimensions))}"
+    return series_key_of(metric_type, period, dimensions_key(dict(dimensions)))
+
+
+def series_key_of(metric_type: str, period: str, dims_key: str) -> str:
+    """:func:`series_key` from an already canonical dimensions key (a snapshot record's ``dimensionsKey``)."""
+    return f"{metric_type}|{period}|{dims_key}"
 
 
 class UserSession(BaseModel):

@@ -56,7 +56,7 @@ from prometheus_client import Counter
 
 from schemas.anomaly import Anomaly
 from schemas.codec import SchemaError
-from schemas.streams import MetricSnapshot, metric_snapshot_codec
+from schemas.streams import MetricSnapshot, metric_snapshot_codec, series_key_of
 from streams.agents.threaded import ConsumerThread, run_as_service
 from streams.anomaly.series import BankConfig, DetectorBank, anomaly_messages, series_key
 from streams.catalogue import Aggregation, Catalogue
@@ -232,7 +232,7 @@ class AnomalyAgent:
                 raise SchemaError("empty message")
             record = self._codec.decode(value)
             if record.get("final"):
-                key = f"{record['metricType']}|{record['period']}|{record.get('dimensionsKey', '')}"
+                key = series_key_of(record["metricType"], record["period"], record.get("dimensionsKey", ""))
                 end = record["periodEnd"]  # a datetime (the codec reads logical types)
                 final_end = (self.lane_of(key), int(end.timestamp() * 1000) if isinstance(end, datetime) else int(end))
             # Most snapshots are of series nobody watches (minutes, breakdowns): only their lane's
@@ -459,11 +459,8 @@ class AnomalyConsumer(ConsumerThread):
     ) -> None:
         from tidemark.topics import METRICS
 
-        super().__init__()
-        self.settings = settings
-        self.topic = settings.topic(METRICS.name)
-        self.group = f"{settings.topic_prefix}{settings.stream_app_id}-anomalies"
-        self.batch_size = batch_size
+        group = f"{settings.topic_prefix}{settings.stream_app_id}-anomalies"
+        super().__init__(settings, METRICS.name, group, batch_size)
         self._to_commit: dict[int, int] = {}
         self.agent = build_anomaly_agent(
             settings, catalogue, publisher, outputs_durable, self._acknowledged, max_checkpoint_bytes, lanes=lanes

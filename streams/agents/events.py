@@ -381,12 +381,8 @@ class EventsConsumer(ConsumerThread):
     ) -> None:
         from tidemark.topics import EVENTS_RAW, SESSIONS
 
-        super().__init__()
-        self.settings = settings
-        self.topic = settings.topic(EVENTS_RAW.name)
         # The group the stream worker has always consumed events.raw in (committed offsets carry over).
-        self.group = f"{settings.topic_prefix}{settings.stream_app_id}"
-        self.batch_size = batch_size
+        super().__init__(settings, EVENTS_RAW.name, f"{settings.topic_prefix}{settings.stream_app_id}", batch_size)
         self._checkpoints = checkpoint_topic(settings)
         self._delivery_failures: list[str] = []
         self.producer = Producer({

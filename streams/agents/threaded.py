@@ -15,13 +15,19 @@ import asyncio
 import threading
 from typing import Any
 
+from tidemark.settings import Settings
+
 
 class ConsumerThread:
     """A consuming loop (:meth:`_run`, written by subclasses) in a daemon thread of its own."""
 
     thread_name = "consumer"
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings, topic: str, group: str, batch_size: int) -> None:
+        self.settings = settings
+        self.topic = settings.topic(topic)  # the topic it reads (name before the prefix)
+        self.group = group
+        self.batch_size = batch_size  # messages per consume call
         self.failure: BaseException | None = None
         self._stopping = threading.Event()
         self._closing = False  # set once the loop is leaving: rebalance callbacks then only forget
