@@ -280,6 +280,62 @@ class SessionPartial:
         self.n, self.total, self.average = state
 
 
+class SessionTotals:
+    """What every session metric needs of one window, kept once for all of them.
+
+    The sessions that started in the window (``n``) and the sums of their duration (ms),
+    page views and events. A session is folded in as the difference from what it
+    contributed before (:meth:`add` takes ``(sessions, duration_ms, page_views,
+    events)`` deltas), so the totals are additive: a window's totals are the same
+    whether its sessions were folded one by one or as minutes of deltas merged together.
+    Each session metric reads its :class:`SessionPartial` off them (:meth:`session_partial`).
+
+    >>> totals = SessionTotals()
+    >>> totals.add((1, 60_000, 2, 3)); totals.add((0, 30_000, 1, 1))  # a session, then its update
+    >>> totals.session_partial("duration_seconds", True).value()
+    90.0
+    """
+
+    __slots__ = ("n", "duration_ms", "page_views", "events")
+
+    def __init__(self, n: int = 0, duration_ms: int = 0, page_views: int = 0, events: int = 0) -> None:
+        self.n, self.duration_ms, self.page_views, self.events = n, duration_ms, page_views, events
+
+    def add(self, delta: Any) -> None:
+        n, duration_ms, page_views, events = delta
+        self.n += n
+        self.duration_ms += duration_ms
+        self.page_views += page_views
+        self.events += events
+
+    def merge(self, other: SessionTotals) -> None:
+        self.add((other.n, other.duration_ms, other.page_views, other.events))
+
+    def value(self) -> float | None:
+        return float(self.n)
+
+    def partial(self) -> SessionTotals:
+        return SessionTotals(self.n, self.duration_ms, self.page_views, self.events)
+
+    def session_partial(self, field: str | None, average: bool) -> SessionPartial:
+        """The partial of the session metric averaging ``field`` (or counting sessions: ``None``)."""
+        if field == "duration_seconds":
+            total = self.duration_ms / 1000.0
+        elif field == "page_views":
+            total = float(self.page_views)
+        elif field == "events":
+            total = float(self.events)
+        else:
+            total = float(self.n)
+        return SessionPartial(self.n, total, average)
+
+    def __getstate__(self) -> tuple[int, int, int, int]:
+        return (self.n, self.duration_ms, self.page_views, self.events)
+
+    def __setstate__(self, state: tuple[int, int, int, int]) -> None:
+        self.n, self.duration_ms, self.page_views, self.events = state
+
+
 class _Skip:
     """Marker: the event does not count for this metric (distinct from a None value)."""
 
@@ -367,6 +423,11 @@ class MetricAggregator:
         self._value_readers = {name: field_reader(path) for name, path in value_fields.items()}
         self._distinct_reader = field_reader(definition.distinct) if agg is Aggregation.distinct else None
 
+    @property
+    def ratio_parts(self) -> tuple[MetricAggregator, MetricAggregator] | None:
+        """For a ratio: the (numerator, denominator) aggregators; None for any other metric."""
+        return self._parts
+
     def observation_signature(self) -> tuple[Any, ...]:
         """Equal for metrics that observe every event identically (their accumulators can be shared)."""
         d = self.definition
@@ -432,6 +493,13 @@ class MetricAggregator:
             return _no_value
         return lambda event: as_number(value_read(event))
 
+    @property
+    def session_field(self) -> str | None:
+        """For a session metric: the session field it averages (None: it counts sessions)."""
+        if self.definition.aggregation is Aggregation.average:
+            return self.definition.value if isinstance(self.definition.value, str) else None
+        return None
+
     def observe_session(self, session: Any) -> tuple[str, float]:
         """A session's contribution to a session metric: (session id, value)."""
         field = self.definition.value
@@ -488,27 +556,39 @@ def dimension_readers(names: Iterable[str]) -> dict[str, Callable[[StreamEvent],
 
 
 def encode_state(acc: Any) -> Any:
-    """An accumulator (or partial) as JSON-able data, for topics and checkpoints (no pickle on the wire)."""
+    """An accumulator (or partial) as JSON-able data, for topics and checkpoints (no pickle on the wire).
+
+    >>> encode_state(SessionPartial(2, 90.0, True))
+    ['p', True, 2, 90.0]
+    """
+    # Dispatched on the type: a checkpoint encodes every open window, an isinstance chain per window showed.
+    encode = _ENCODERS.get(type(acc))
+    if encode is None:
+        encode = next((_ENCODERS[c] for c in type(acc).__mro__ if c in _ENCODERS), None)
+        if encode is None:
+            raise TypeError(f"cannot encode {type(acc).__name__}")
+    return encode(acc)
+
+
+def _encode_distinct(acc: DistinctAccumulator) -> list[Any]:
     import base64
 
-    if isinstance(acc, CountAccumulator):
-        return ["c", acc.n]
-    if isinstance(acc, SumAccumulator):
-        return ["s", acc.total]
-    if isinstance(acc, AverageAccumulator):
-        return ["a", acc.total, acc.n]
-    if isinstance(acc, DistinctAccumulator):
-        kind, payload = acc.counter.to_state()
-        if kind == 0:
-            return ["d", acc.counter.exact_limit, payload]
-        return ["h", acc.counter.exact_limit, base64.b64encode(payload).decode("ascii")]
-    if isinstance(acc, RatioAccumulator):
-        return ["r", encode_state(acc.num), encode_state(acc.den)]
-    if isinstance(acc, SessionAccumulator):
-        return ["S", acc.average, acc.values]
-    if isinstance(acc, SessionPartial):
-        return ["p", acc.average, acc.n, acc.total]
-    raise TypeError(f"cannot encode {type(acc).__name__}")
+    counter = acc.counter
+    if counter.keys is not None:
+        return ["d", counter.exact_limit, list(counter.keys)]
+    return ["h", counter.exact_limit, base64.b64encode(counter.sketch.serialize_compact()).decode("ascii")]
+
+
+_ENCODERS: dict[type, Callable[[Any], Any]] = {
+    CountAccumulator: lambda acc: ["c", acc.n],
+    SumAccumulator: lambda acc: ["s", acc.total],
+    AverageAccumulator: lambda acc: ["a", acc.total, acc.n],
+    DistinctAccumulator: _encode_distinct,
+    RatioAccumulator: lambda acc: ["r", encode_state(acc.num), encode_state(acc.den)],
+    SessionAccumulator: lambda acc: ["S", acc.average, acc.values],
+    SessionPartial: lambda acc: ["p", acc.average, acc.n, acc.total],
+    SessionTotals: lambda acc: ["T", acc.n, acc.duration_ms, acc.page_views, acc.events],
+}
 
 
 def decode_state(data: Any) -> Any:
@@ -541,4 +621,6 @@ def decode_state(data: Any) -> Any:
         return session
     if tag == "p":
         return SessionPartial(int(data[2]), float(data[3]), bool(data[1]))
+    if tag == "T":
+        return SessionTotals(int(data[1]), int(data[2]), int(data[3]), int(data[4]))
     raise ValueError(f"unknown accumulator tag {tag!r}")

@@ -28,14 +28,15 @@ from typing import Any
 import lz4.frame
 import orjson
 
-from streams.aggregators import MetricAggregator, decode_state, encode_state
-from streams.periods import Period, PeriodCalendar
+from streams.aggregators import MetricAggregator
+from streams.periods import PeriodCalendar
 from streams.sessions import SessionTracker, SessionWindow
 from streams.windows import DEFAULT_GRACE, MetricPartial, WindowedMetrics
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+# 2: windows shared by the metrics that hold the same data, session metrics as totals (1: per metric).
+CHECKPOINT_FORMAT = 2
 LZ4_FRAME_MAGIC = b"\x04\x22\x4d\x18"
 
 
@@ -120,19 +121,14 @@ class PartitionProcessor:
         Call right after :meth:`flush` (nothing is pending then, so what was published and
         what is checkpointed agree).
         """
-        metrics = self.metrics
         document = {
             "format": CHECKPOINT_FORMAT,
             "partition": self.partition,
             "applied_offset": self.applied_offset,
             "events_applied": self.events_applied,
             "links": self.links,
-            "watermark": metrics.watermark,
-            "late": dict(metrics.late_events),
+            "metrics": self.metrics.state(),
             "session_late": self.sessions.late_events,
-            "pending": [[*k, encode_state(v)] for k, v in metrics.pending.items()],
-            "windows": [[k[0], k[1], k[2], k[3].value, k[4], encode_state(v)] for k, v in metrics.windows.items()],
-            "dirty": [[k[0], k[1], k[2], k[3].value, k[4]] for k in metrics.dirty],
             # orjson writes a (slotted) dataclass as the object of its fields, as asdict would.
             "open_sessions": list(self.sessions.open.values()),
             "dirty_sessions": list(self.sessions.dirty.values()),
@@ -140,31 +136,31 @@ class PartitionProcessor:
         return lz4.frame.compress(orjson.dumps(document))
 
     def restore(self, blob: bytes) -> None:
-        """Resume from a :meth:`checkpoint` (windows of metrics no longer in the catalogue are dropped)."""
+        """Resume from a :meth:`checkpoint` (windows of metrics no longer in the catalogue are dropped).
+
+        Checkpoints of the previous format (1: windows kept per metric) still restore: their
+        windows are converted to the shared windows of format 2.
+        """
         # lz4 frames since checkpoints got large (zlib before: those still restore).
         raw = lz4.frame.decompress(blob) if blob[:4] == LZ4_FRAME_MAGIC else zlib.decompress(blob)
         document = orjson.loads(raw)
-        if document.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unknown checkpoint format {document.get('format')!r}")
-        known = self.metrics.aggregators
+        version = document.get("format")
+        if version not in (1, CHECKPOINT_FORMAT):
+            raise ValueError(
+                f"unknown checkpoint format {version!r} (this version reads formats 1 and {CHECKPOINT_FORMAT})"
+            )
         self.applied_offset = document["applied_offset"]
         self.events_applied = document["events_applied"]
         self.links = dict(document["links"])
-        m = self.metrics
-        m.watermark = document["watermark"]
-        m.late_events.clear()
-        m.late_events.update(document["late"])
-        m.pending = {(n, d, v, int(t)): decode_state(s) for n, d, v, t, s in document["pending"] if n in known}
-        m.windows = {
-            (n, d, v, Period(p), int(t)): decode_state(s) for n, d, v, p, t, s in document["windows"] if n in known
-        }
-        m.dirty = {(n, d, v, Period(p), int(t)) for n, d, v, p, t in document["dirty"] if n in known}
-        m.ends = {w: m.calendar.bounds(w[3], w[4])[1] for w in m.windows}
         self.sessions.late_events = document["session_late"]
         self.sessions.open = {s["device_id"]: SessionWindow(**s) for s in document["open_sessions"]}
         self.sessions.dirty = {s["session_id"]: SessionWindow(**s) for s in document["dirty_sessions"]}
         # An open session that is also dirty must be one object, so later events update both views.
-        for device, session in self.sessions.open.items():
+        for session in self.sessions.open.values():
             if session.session_id in self.sessions.dirty:
                 self.sessions.dirty[session.session_id] = session
-            self.sessions.open[device] = session
+        by_id = {s.session_id: s for s in self.sessions.open.values()}
+        if version == 1:
+            self.metrics.restore_format_1(document, [*self.sessions.dirty.values(), *by_id.values()])
+        else:
+            self.metrics.restore(document["metrics"], by_id)

@@ -70,6 +70,30 @@ class DistinctCounter:
         union.update(other.sketch)
         self.sketch = union.get_result(datasketches.tgt_hll_type.HLL_8)
 
+    def update(self, keys: set[str]) -> None:
+        """Union a plain set of keys into this counter (what :meth:`merge` does with an exact counter's keys)."""
+        if self.keys is not None:
+            self.keys |= keys
+            if len(self.keys) > self.exact_limit:
+                self._to_sketch()
+            return
+        update = self.sketch.update
+        for key in keys:
+            update(key)
+
+    @classmethod
+    def of_keys(cls, keys: set[str], exact_limit: int = DEFAULT_EXACT_LIMIT) -> DistinctCounter:
+        """A counter of ``keys`` that takes the set over rather than copying it (the caller lets go of it).
+
+        >>> DistinctCounter.of_keys({"u1", "u2"}).estimate()
+        2
+        """
+        counter = cls(exact_limit)
+        counter.keys = keys
+        if len(keys) > exact_limit:
+            counter._to_sketch()
+        return counter
+
     def rename(self, old: str, new: str) -> None:
         """Replace key ``old`` by ``new`` if present (identity stitching); a no-op once sketched."""
         if self.keys is not None and old in self.keys:

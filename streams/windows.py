@@ -60,11 +60,19 @@ from datetime import timedelta
 from typing import Any
 
 from schemas.streams import MetricSnapshot, dimensions_key, series_key  # noqa: F401  (re-exported)
-from streams.aggregators import SKIP, MetricAggregator
-from streams.catalogue import Source
+from streams.aggregators import (
+    SKIP,
+    MetricAggregator,
+    RatioAccumulator,
+    SessionTotals,
+    decode_state,
+    encode_state,
+)
+from streams.catalogue import Aggregation, Source
 from streams.events import StreamEvent, field_reader
-from streams.periods import MINUTE_MS, Period, PeriodCalendar
+from streams.periods import MINUTE_MS, PERIODS, Period, PeriodCalendar
 from streams.sessions import SessionWindow
+from streams.sketches import DistinctCounter
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +123,12 @@ class MetricPartial:
 
 
 class WindowedMetrics:
-    """Stage one: one partition's open windows of every streamed metric."""
+    """Stage one: one partition's open windows of every streamed metric.
+
+    Metrics whose windows would hold the same data share them (see :class:`_WindowGroup`):
+    ``windows`` is keyed by (group id, dimension, value, period, start), and the partials
+    of every metric a window serves are made from it at publication.
+    """
 
     def __init__(
         self,
@@ -132,158 +145,231 @@ class WindowedMetrics:
         # What partials carry: the watermark at the end of the previous flush. The one a flush
         # reaches is announced separately after its partials (see "Completeness").
         self.announced = 0
-        self.pending: dict[tuple[str, str, str, int], Any] = {}
         self.windows: dict[WindowKey, Any] = {}
+        self.ends: dict[WindowKey, int] = {}
         self.dirty: set[WindowKey] = set()
         self.late_events: Counter[str] = Counter()
         # Seconds between publications of a changed window, per period (empty: every flush).
         self.publish_every: dict[Period, float] = {}
         self._published_at: dict[Period, float] = {}
-        self.ends: dict[WindowKey, int] = {}
-        self._routes: dict[str, _EventRoute] = {}
-        self._groups = _share_observations(a for a in self.aggregators.values() if a.source is Source.events)
-        self._session_aggs = [a for a in self.aggregators.values() if a.source is Source.sessions]
-        self._session_aggs_names = {a.name for a in self._session_aggs}
-        # Session dimensions are SessionWindow attributes of the same name.
-        self._session_plan = [(a, tuple(a.dimensions), tuple(a.periods)) for a in self._session_aggs]
-        self._session_periods = sorted({p for a in self._session_aggs for p in a.periods})
-        self._stitched = {a.name for a in self.aggregators.values() if a.stitched}
+        self.groups, self._sessions = _window_groups(self.aggregators.values())
+        self._event_groups = [g for g in self.groups.values() if g.kind != _SESSIONS]
+        self._stitched = {g.id for g in self._event_groups if g.stitched}
         self._new_links: dict[str, tuple[str, int]] = {}
-        used = {d for a in self.aggregators.values() if a.source is Source.events for d in a.dimensions}
+        self._routes: dict[str, _EventRoute] = {}
+        # Windows by end, to close them without scanning every open window at every flush.
+        self._closing: dict[int, list[WindowKey]] = {}
+        self._ends_heap: list[int] = []
+        # Session windows past end + grace that still wait for a session started in them.
+        self._blocked: list[WindowKey] = []
+        # Per open session: what it contributed when last folded into its windows (duration ms,
+        # page views, events), so that an update folds in as a difference.
+        self._session_folds: dict[str, tuple[int, int, int]] = {}
+        # Sessions that were late for some of their windows when they started: the windows they count in.
+        self._session_windows: dict[str, list[WindowKey]] = {}
+        # Sessions started on time since the last flush: their windows are made when they are first folded.
+        self._opened: list[SessionWindow] = []
+        used = {d for g in self._event_groups for d in g.dimensions}
         from streams.catalogue import DIMENSIONS
 
         self._dim_readers = {d: field_reader(DIMENSIONS[d]) for d in sorted(used)}
 
-    def _groups_for(self, event_name: str) -> list[_SharedObservation]:
-        return self._route(event_name).groups
-
     def _route(self, event_name: str) -> _EventRoute:
-        # Which metrics an event of this name feeds is decided once per name, not per event.
+        # Which windows an event of this name feeds is decided once per name, not per event.
         route = self._routes.get(event_name)
         if route is None:
             groups = [
-                g for g in self._groups.values()
-                if g.agg.event_names is None or event_name in g.agg.event_names
+                g for g in self._event_groups if g.agg.event_names is None or event_name in g.agg.event_names
             ]
-            dims = sorted({d for g in groups for d in g.dimensions})
-            route = _EventRoute(
-                groups,
-                [(g, g.agg.observer(event_name)) for g in groups],
-                [(d, self._dim_readers[d]) for d in dims],
-            )
-            self._routes[event_name] = route
+            route = self._routes[event_name] = _EventRoute(event_name, groups, self._dim_readers)
         return route
-
-    def _window(self, wkey: WindowKey, agg: MetricAggregator) -> Any:
-        acc = self.windows.get(wkey)
-        if acc is None:
-            acc = self.windows[wkey] = agg.new()
-            self.ends[wkey] = self.calendar.bounds(wkey[3], wkey[4])[1]
-        return acc
 
     def add(self, event: StreamEvent) -> None:
         """Fold one event (``event.person`` already resolved) into its windows."""
         ts = event.ts
-        if ts > self.watermark:
-            self.watermark = ts
+        watermark = self.watermark
+        if ts > watermark:
+            self.watermark = watermark = ts
         minute = ts - ts % MINUTE_MS
-        on_time = minute + MINUTE_MS + self.grace_ms > self.watermark
-        route = self._route(event.event_name)
-        present = []
+        route = self._routes.get(event.event_name) or self._route(event.event_name)
+        found: dict[str, tuple[str, str, int]] = {}
         for dim, read in route.dimensions:
             value = read(event)
             if value and isinstance(value, str):  # as_text: only strings are dimension values
-                present.append((dim, value))
-        pending = self.pending
-        late_periods: set[str] = set()
-        keysets: dict[tuple[str, ...], list[tuple[str, str]]] = {}
-        for group, observe in route.observers:
-            observation = observe(event)
+                found[dim] = (dim, value, minute)
+        if minute + MINUTE_MS + self.grace_ms <= watermark:
+            self._add_late(route, event, ts, found)
+            return
+        # On time: into the pending minute of every group and key (merged into windows at the flush).
+        total = ("", "", minute)
+        keysets = [[total, *(found[d] for d in dims if d in found)] for dims in route.keysets]
+        for mode, kind, pending, observe, index, _group in route.plan:
+            keys = keysets[index]
+            if mode == _COUNT_EVERY:
+                for key in keys:
+                    pending[key] = pending.get(key, 0) + 1
+                continue
+            observation = event.person if mode == _PERSON else observe(event)
             if observation is SKIP:
                 continue
-            dims = group.dimensions
-            keys = keysets.get(dims)
-            if keys is None:
-                keys = keysets[dims] = [("", ""), *(kv for kv in present if kv[0] in dims)]
-            if on_time:
-                gid, agg = group.id, group.agg
-                for dim, value in keys:
-                    pkey = (gid, dim, value, minute)
-                    acc = pending.get(pkey)
-                    if acc is None:
-                        acc = pending[pkey] = agg.new()
-                    acc.add(observation)
-            else:
-                for member in group.members:
-                    member_keys = [k for k in keys if not k[0] or k[0] in member.dimensions]
-                    self._add_late(member, member_keys, ts, observation, late_periods)
-        for period in late_periods:  # an event is late once per period, however many metrics it feeds
-            self.late_events[period] += 1
+            if kind == _DISTINCT:
+                for key in keys:
+                    seen = pending.get(key)
+                    if seen is None:
+                        seen = pending[key] = set()
+                    if observation:
+                        seen.add(observation)
+            elif kind == _COUNT:
+                for key in keys:
+                    pending[key] = pending.get(key, 0) + 1
+            elif kind == _SUM:
+                for key in keys:
+                    if observation is not None:
+                        pending[key] = pending.get(key, 0.0) + observation
+                    elif key not in pending:
+                        pending[key] = 0.0
+            else:  # _AVERAGE: [total, count]
+                for key in keys:
+                    sums = pending.get(key)
+                    if sums is None:
+                        sums = pending[key] = [0.0, 0]
+                    if observation is not None:
+                        sums[0] += observation
+                        sums[1] += 1
 
     def _add_late(
-        self, agg: MetricAggregator, keys: list[tuple[str, str]], ts: int, observation: Any, late: set[str]
+        self, route: _EventRoute, event: StreamEvent, ts: int, found: Mapping[str, tuple[str, str, int]]
     ) -> None:
         # Slow path: the event's minute is closed; count it in the longer periods still open.
-        for period in agg.periods:
-            start, end = self.calendar.bounds(period, ts)
-            if end + self.grace_ms <= self.watermark:
-                late.add(period.value)
+        bounds, horizon = self.calendar.bounds, self.watermark - self.grace_ms
+        late: set[str] = set()  # an event is late once per period, however many metrics it feeds
+        for mode, _kind, _pending, observe, _index, group in route.plan:
+            observation = 1 if mode == _COUNT_EVERY else event.person if mode == _PERSON else observe(event)
+            if observation is SKIP:
                 continue
-            for dim, value in keys:
-                wkey = (agg.name, dim, value, period, start)
-                self._window(wkey, agg).add(observation)
-                self.dirty.add(wkey)
+            keys = [("", ""), *((d, found[d][1]) for d in group.dimensions if d in found)]
+            for period in group.targets[""]:
+                start, end = bounds(period, ts)
+                if end <= horizon:
+                    late.add(period.value)
+                    continue
+                for dim, value in keys:
+                    if dim and period not in group.targets[dim]:
+                        continue
+                    wkey = (group.id, dim, value, period, start)
+                    acc = self.windows.get(wkey)
+                    if acc is None:
+                        acc = self._new_window(wkey, group.new(), end)
+                    acc.add(observation)
+                    self.dirty.add(wkey)
+        for period_name in late:
+            self.late_events[period_name] += 1
+
+    def _new_window(self, wkey: WindowKey, acc: Any, end: int) -> Any:
+        self.windows[wkey] = acc
+        self.ends[wkey] = end
+        bucket = self._closing.get(end)
+        if bucket is None:
+            self._closing[end] = [wkey]
+            heapq.heappush(self._ends_heap, end)
+        else:
+            bucket.append(wkey)
+        return acc
 
     def open_session(self, session: SessionWindow) -> None:
-        """A session just started: open its session-metric windows now, while lateness is judged.
+        """A session just started: judge now, while its windows are open or not, which ones it counts in.
 
         Lateness is decided when the session's first event arrives, not at the next flush
         (by then the watermark may have moved past a short window that was open on arrival).
+        A session on time for its minute is on time for every period: its windows are made
+        when it is first folded (:meth:`add_sessions`).
         """
-        windows, closed_before = self.windows, self.watermark - self.grace_ms
-        bounds = self._session_bounds(session.started_at)
-        for agg, dims, periods in self._session_plan:
-            keys = [("", ""), *((d, v) for d in dims if (v := getattr(session, d)))]
-            for period in periods:
-                start, end = bounds[period]
-                for dim, value in keys:
-                    wkey = (agg.name, dim, value, period, start)
-                    if wkey in windows:
-                        continue
-                    if end <= closed_before:
-                        self.late_events[f"session_{period.value}"] += 1
-                        continue
-                    windows[wkey] = agg.new()
-                    self.ends[wkey] = end
+        if self._sessions is None:
+            return
+        started = session.started_at
+        if started - started % MINUTE_MS + MINUTE_MS + self.grace_ms > self.watermark:
+            self._opened.append(session)
+            return
+        # Late for some period. A window it would share with a session started on time since the
+        # last flush counts it as long as that window exists, so those windows are made first.
+        for opened in self._opened:
+            self._session_windows_of(opened, opening=True)
+        self._opened.clear()
+        self._session_windows[session.session_id] = self._session_windows_of(session, opening=True)
+
+    def _session_windows_of(self, session: SessionWindow, opening: bool) -> list[WindowKey]:
+        # The windows a session counts in: those that exist, and when it is opening, those not closed
+        # yet (made now; a closed one it misses is counted late).
+        group = self._sessions
+        assert group is not None
+        bounds, closed_before = self.calendar.bounds, self.watermark - self.grace_ms
+        windows, counted = self.windows, []
+        keys = _session_keys(session, group.dimensions)
+        for period in group.targets[""]:
+            start, end = bounds(period, session.started_at)
+            for dim, value in keys:
+                if dim and period not in group.targets[dim]:
+                    continue
+                wkey = (group.id, dim, value, period, start)
+                if wkey in windows:
+                    counted.append(wkey)
+                elif not opening:
+                    continue
+                elif end <= closed_before:
+                    # Counted once per session metric the window would have served.
+                    self.late_events[f"session_{period.value}"] += len(group.publishers[(dim, period)].sessions)
+                else:
+                    self._new_window(wkey, SessionTotals(), end)
+                    counted.append(wkey)
+        return counted
 
     def add_sessions(self, sessions: Iterable[SessionWindow]) -> None:
-        """Fold session updates into the session metrics' windows (by the session's start)."""
-        if not self._session_aggs:
+        """Fold session updates into the session metrics' windows (by the session's start).
+
+        A session is folded in as the difference from what it contributed at its previous
+        fold, into the pending minute of its start (merged into its windows at the flush).
+        """
+        group = self._sessions
+        if group is None:
             return
+        folds, late_sessions = self._session_folds, self._session_windows
+        pending, dims = group.pending, group.dimensions
         windows, dirty = self.windows, self.dirty
         for session in sessions:
-            bounds = self._session_bounds(session.started_at)
-            keysets: dict[tuple[str, ...], list[tuple[str, str]]] = {}
-            for agg, dims, periods in self._session_plan:
-                keys = keysets.get(dims)
-                if keys is None:
-                    keys = keysets[dims] = [("", ""), *((d, v) for d in dims if (v := getattr(session, d)))]
-                session_id, observation = agg.observe_session(session)
-                name = agg.name
-                for period in periods:
-                    start = bounds[period][0]
-                    for dim, value in keys:
-                        wkey = (name, dim, value, period, start)
-                        acc = windows.get(wkey)
-                        if acc is None:  # the session was late when it started (counted then)
-                            continue
-                        acc.values[session_id] = observation  # SessionAccumulator.add, inlined: the hot loop
+            session_id = session.session_id
+            duration, page_views, events = session.last_seen_at - session.started_at, session.page_views, session.events
+            before = folds.get(session_id)
+            if before is None:
+                delta = (1, duration, page_views, events)
+            else:
+                delta = (0, duration - before[0], page_views - before[1], events - before[2])
+            if session.closed:  # never updated again
+                folds.pop(session_id, None)
+                counted = late_sessions.pop(session_id, None)
+            else:
+                folds[session_id] = (duration, page_views, events)
+                counted = late_sessions.get(session_id)
+            if delta == _NO_CHANGE:
+                continue
+            if counted is not None:
+                for wkey in counted:
+                    totals = windows.get(wkey)
+                    if totals is not None:
+                        totals.add(delta)
                         dirty.add(wkey)
-
-    def _session_bounds(self, started_at: int) -> dict[Period, tuple[int, int]]:
-        # The periods around a session's start, computed once for all session metrics.
-        bounds = self.calendar.bounds
-        return {period: bounds(period, started_at) for period in self._session_periods}
+                continue
+            started = session.started_at
+            minute = started - started % MINUTE_MS
+            for dim, value in _session_keys(session, dims):
+                key = (dim, value, minute)
+                sums = pending.get(key)
+                if sums is None:
+                    pending[key] = list(delta)
+                else:
+                    sums[0] += delta[0]
+                    sums[1] += delta[1]
+                    sums[2] += delta[2]
+                    sums[3] += delta[3]
 
     def rename_person(self, old: str, new: str, ts: int) -> None:
         """Identity stitching, learned from an event at ``ts``: ``old`` is ``new`` in every window still open.
@@ -305,46 +391,63 @@ class WindowedMetrics:
         if not links:
             return
         olds = links.keys()
-        grace = self.grace_ms
+        grace, stitched, ends, dirty = self.grace_ms, self._stitched, self.ends, self.dirty
         for wkey, acc in self.windows.items():
-            if wkey[0] not in self._stitched:
+            if wkey[0] not in stitched:
                 continue
-            end = self.ends[wkey]
-            for counter in _person_counters(acc):
-                if counter.keys is None:
-                    continue
-                keys = counter.keys
-                hits = (olds & keys) if len(keys) > len(links) else [k for k in keys if k in links]
-                for old in hits:
-                    new, learned_at = links[old]
-                    if end + grace > learned_at:
-                        counter.rename(old, new)
-                        self.dirty.add(wkey)
+            counter = acc.counter
+            keys = counter.keys
+            if keys is None:
+                continue
+            hits = (olds & keys) if len(keys) > len(links) else [k for k in keys if k in links]
+            for old in hits:
+                new, learned_at = links[old]
+                if ends[wkey] + grace > learned_at:
+                    counter.rename(old, new)
+                    dirty.add(wkey)
         self._new_links = {}
 
     def _merge_pending(self) -> None:
-        windows, dirty, bounds, ends = self.windows, self.dirty, self.calendar.bounds, self.ends
-        groups = self._groups
+        windows, dirty = self.windows, self.dirty
+        bounds = self.calendar.bounds
+        # Many pending minutes share a minute: its periods are looked up once.
         minute_bounds: dict[tuple[Period, int], tuple[int, int]] = {}
-        for (gid, dim, value, minute), acc in self.pending.items():
-            targets = groups[gid].targets(dim)
-            last = len(targets) - 1
-            for i, (member, period) in enumerate(targets):
-                # Many pending minutes share a minute: its periods are looked up once.
-                found = minute_bounds.get((period, minute))
-                if found is None:
-                    found = minute_bounds[(period, minute)] = bounds(period, minute)
-                start, end = found
-                wkey = (member.name, dim, value, period, start)
-                target = windows.get(wkey)
-                if target is None:
-                    # The last target may take the pending accumulator itself: nothing reads it after.
-                    windows[wkey] = acc if i == last else acc.partial()
-                    ends[wkey] = end
-                else:
-                    target.merge(acc)
-                dirty.add(wkey)
-        self.pending = {}
+        for group in self.groups.values():
+            pending = group.pending
+            if not pending:
+                continue
+            gid, kind, targets = group.id, group.kind, group.targets
+            for (dim, value, minute), raw in pending.items():
+                owner: tuple[WindowKey, int] | None = None
+                for period in targets[dim]:
+                    found = minute_bounds.get((period, minute))
+                    if found is None:
+                        found = minute_bounds[(period, minute)] = bounds(period, minute)
+                    start, end = found
+                    wkey = (gid, dim, value, period, start)
+                    acc = windows.get(wkey)
+                    if acc is None:
+                        # One new window may take the pending data itself (nothing reads it after).
+                        if owner is None:
+                            owner = (wkey, end)
+                            continue
+                        self._new_window(wkey, group.from_raw(group.copy_raw(raw)), end)
+                    elif kind == _COUNT:
+                        acc.n += raw
+                    elif kind == _DISTINCT:
+                        acc.counter.update(raw)
+                    elif kind == _SUM:
+                        acc.total += raw
+                    elif kind == _AVERAGE:
+                        acc.total += raw[0]
+                        acc.n += raw[1]
+                    else:  # _SESSIONS: the sessions' differences
+                        acc.add(raw)
+                    dirty.add(wkey)
+                if owner is not None:
+                    self._new_window(owner[0], group.from_raw(raw), owner[1])
+                    dirty.add(owner[0])
+            pending.clear()
 
     def flush(self, oldest_open_session: int | None = None, now: float | None = None) -> list[MetricPartial]:
         """Merge pending minutes into their windows, publish changed windows, close finished ones.
@@ -356,15 +459,9 @@ class WindowedMetrics:
         """
         self._merge_pending()
         self._apply_links()
-        windows, dirty = self.windows, self.dirty
-        horizon = self.watermark - self.grace_ms
-        sessions = self._session_aggs_names
-        closed = {
-            wkey
-            for wkey, end in self.ends.items()
-            if end <= horizon
-            and (wkey[0] not in sessions or oldest_open_session is None or oldest_open_session >= end)
-        }
+        self._opened.clear()  # their windows exist now
+        closed = self._close(self.watermark - self.grace_ms, oldest_open_session)
+        dirty = self.dirty
         if now is None or not self.publish_every:
             due = dirty
         else:
@@ -375,54 +472,231 @@ class WindowedMetrics:
             for period in periods_due:
                 self._published_at[period] = now
             due = {w for w in dirty if w[3] in periods_due or w in closed or w[3] not in self.publish_every}
-        partials = [self._partial(wkey) for wkey in due]
+        partials = self._partials(due, closed)
         if due is dirty:
             dirty.clear()
         else:
             dirty.difference_update(due)
+        windows, ends = self.windows, self.ends
         for wkey in closed:
             del windows[wkey]
-            del self.ends[wkey]
-            dirty.discard(wkey)
+            del ends[wkey]
         if closed:
+            dirty.difference_update(closed)
             log.debug("Partition %d closed %d windows at watermark %d", self.partition, len(closed), self.watermark)
         self.announced = self.watermark
         return partials
 
-    def _partial(self, wkey: WindowKey) -> MetricPartial:
-        name, dim, value, period, start = wkey
-        end = self.calendar.bounds(period, start)[1]
-        return MetricPartial(
-            metric=name,
-            period=period,
-            period_start=start,
-            period_end=end,
-            dimension=dim,
-            dimension_value=value,
-            partition=self.partition,
-            watermark=self.announced,
-            state=self.windows[wkey].partial(),
-        )
+    def _close(self, horizon: int, oldest_open_session: int | None) -> set[WindowKey]:
+        # The windows whose end + grace the watermark passed; a session window also waits for the
+        # sessions that started in it.
+        heap, closing = self._ends_heap, self._closing
+        candidates, self._blocked = self._blocked, []
+        while heap and heap[0] <= horizon:
+            candidates.extend(closing.pop(heapq.heappop(heap)))
+        sessions = self._sessions.id if self._sessions is not None else None
+        closed = set()
+        for wkey in candidates:
+            if wkey[0] == sessions and oldest_open_session is not None and oldest_open_session < self.ends[wkey]:
+                self._blocked.append(wkey)
+            else:
+                closed.add(wkey)
+        return closed
+
+    def _partials(self, due: Iterable[WindowKey], closed: set[WindowKey]) -> list[MetricPartial]:
+        # A closing window's accumulator is handed over as the partial's state (nothing changes it
+        # any more); an open one is copied, since it keeps changing after it was published.
+        windows, ends, groups = self.windows, self.ends, self.groups
+        partition, watermark = self.partition, self.announced
+        out: list[MetricPartial] = []
+        ratios: dict[tuple[_RatioView, str, str, Period, int, int], None] = {}
+        for wkey in due:
+            gid, dim, value, period, start = wkey
+            group = groups[gid]
+            publishers = group.publishers[(dim, period)]
+            acc, end = windows[wkey], ends[wkey]
+            if publishers.members:
+                state = acc if wkey in closed else acc.partial()
+                for name in publishers.members:
+                    out.append(MetricPartial(name, period, start, end, dim, value, partition, watermark, state))
+            for name, field, average in publishers.sessions:
+                out.append(MetricPartial(name, period, start, end, dim, value, partition, watermark,
+                                         acc.session_partial(field, average)))
+            for view in publishers.ratios:
+                ratios[(view, dim, value, period, start, end)] = None
+        for view, dim, value, period, start, end in ratios:
+            parts = []
+            for group in (view.num, view.den):
+                wkey = (group.id, dim, value, period, start)
+                acc = windows.get(wkey)
+                parts.append(group.new() if acc is None else acc if wkey in closed else acc.partial())
+            out.append(MetricPartial(view.name, period, start, end, dim, value, partition, watermark,
+                                     RatioAccumulator(parts[0], parts[1])))
+        return out
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to resume (picklable)."""
+        """Everything needed to resume, as JSON-able data (what a checkpoint carries; see :meth:`restore`)."""
         return {
             "watermark": self.watermark,
-            "pending": self.pending,
-            "windows": self.windows,
-            "dirty": self.dirty,
             "late": dict(self.late_events),
+            "windows": [[*wkey, encode_state(acc)] for wkey, acc in self.windows.items()],
+            "dirty": list(self.dirty),
+            "pending": [
+                [g.id, dim, value, minute, g.encode_raw(raw)]
+                for g in self.groups.values() for (dim, value, minute), raw in g.pending.items()
+            ],
+            "links": self._new_links,
+            "session_folds": self._session_folds,
+            "session_windows": self._session_windows,
+            "opened": [s.session_id for s in self._opened],
         }
 
-    def restore(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state`."""
+    def restore(self, state: Mapping[str, Any], open_sessions: Mapping[str, SessionWindow] | None = None) -> None:
+        """Resume from :meth:`state` (windows of metrics no longer in the catalogue are dropped).
+
+        ``open_sessions`` (by session id) are the restored tracker's, for the sessions started
+        since the last flush.
+        """
+        groups = self.groups
         self.watermark = state["watermark"]
-        self.announced = self.watermark  # a checkpoint follows a flush, and the flush's announcement
-        self.pending = state["pending"]
-        self.windows = state["windows"]
-        self.dirty = state["dirty"]
         self.late_events = Counter(state["late"])
-        self.ends = {w: self.calendar.bounds(w[3], w[4])[1] for w in self.windows}
+        self._clear_windows()
+        bounds = self.calendar.bounds
+        for gid, dim, value, period, start, encoded in state["windows"]:
+            group = groups.get(gid)
+            if group is not None and dim in group.targets and Period(period) in group.targets[dim]:
+                wkey = (gid, dim, value, Period(period), int(start))
+                self._new_window(wkey, decode_state(encoded), bounds(wkey[3], wkey[4])[1])
+        self.dirty = {k for k in ((g, d, v, Period(p), int(t)) for g, d, v, p, t in state["dirty"]) if k in self.ends}
+        for gid, dim, value, minute, raw in state["pending"]:
+            group = groups.get(gid)
+            if group is not None and dim in group.targets:
+                group.pending[(dim, value, int(minute))] = group.decode_raw(raw)
+        self._new_links = {old: (new, int(at)) for old, (new, at) in state["links"].items()}
+        self._session_folds = {k: (int(d), int(p), int(e)) for k, (d, p, e) in state["session_folds"].items()}
+        self._session_windows = {
+            k: [(g, d, v, Period(p), int(t)) for g, d, v, p, t in wkeys]
+            for k, wkeys in state["session_windows"].items()
+        }
+        self._opened = [open_sessions[k] for k in state["opened"] if open_sessions and k in open_sessions]
+
+    def restore_format_1(self, document: Mapping[str, Any], sessions: Iterable[SessionWindow]) -> None:
+        """Resume from a format-1 checkpoint, whose windows were kept per metric.
+
+        A metric's window becomes its group's window (metrics of one group held the same
+        data); a ratio's window gives its parts' windows only where no metric of the part's
+        group kept them itself; a session metric's window (session id -> value) becomes its
+        group's :class:`~streams.aggregators.SessionTotals`, and what each of ``sessions``
+        (the restored open and changed ones) contributed to it becomes its last fold.
+        """
+        self.watermark = document["watermark"]
+        self.late_events = Counter(document["late"])
+        self._clear_windows()
+        bounds = self.calendar.bounds
+        served = self._served_by()
+        ratios: list[tuple[_RatioView, WindowKey, Any]] = []
+        session_maps: dict[WindowKey, dict[str, dict[str | None, float]]] = {}
+        for name, dim, value, period_name, start, encoded in document["windows"]:
+            served_by = served.get(name)
+            period = Period(period_name)
+            if served_by is None:
+                continue
+            if isinstance(served_by, _RatioView):
+                ratios.append((served_by, (name, dim, value, period, int(start)), decode_state(encoded)))
+                continue
+            group, field = served_by
+            if dim not in group.targets or period not in group.targets[dim]:
+                continue
+            wkey = (group.id, dim, value, period, int(start))
+            if group.kind == _SESSIONS:
+                by_session = session_maps.setdefault(wkey, {})
+                for session_id, observed in encoded[2].items():
+                    by_session.setdefault(session_id, {})[field] = float(observed)
+            elif wkey not in self.windows:
+                self._new_window(wkey, decode_state(encoded), bounds(period, wkey[4])[1])
+        for view, (_name, dim, value, period, start), ratio in ratios:
+            for group, part in ((view.num, ratio.num), (view.den, ratio.den)):
+                wkey = (group.id, dim, value, period, start)
+                if wkey not in self.windows and not group.publishers[(dim, period)].members:
+                    self._new_window(wkey, part, bounds(period, start)[1])
+        last_fold: dict[str, dict[str | None, float]] = {}
+        for wkey, by_session in session_maps.items():
+            totals = SessionTotals(n=len(by_session))
+            for session_id, observed in by_session.items():
+                totals.duration_ms += round(observed.get("duration_seconds", 0.0) * 1000)
+                totals.page_views += round(observed.get("page_views", 0.0))
+                totals.events += round(observed.get("events", 0.0))
+                last_fold[session_id] = observed
+            self._new_window(wkey, totals, bounds(wkey[3], wkey[4])[1])
+        for session in sessions:
+            if session.session_id in self._session_windows:
+                continue
+            observed = last_fold.get(session.session_id)
+            if observed is not None:
+                self._session_folds[session.session_id] = (
+                    round(observed["duration_seconds"] * 1000) if "duration_seconds" in observed
+                    else session.duration_ms,
+                    round(observed.get("page_views", session.page_views)),
+                    round(observed.get("events", session.events)),
+                )
+            # Its windows were made when it started: those that exist are the ones it counts in.
+            self._session_windows[session.session_id] = self._session_windows_of(session, opening=False)
+        for name, dim, value, minute, encoded in document["pending"]:
+            self._merge_format_1_pending(served.get(name), dim, value, int(minute), decode_state(encoded))
+        for name, dim, value, period_name, start in document["dirty"]:
+            served_by = served.get(name)
+            groups = (
+                [] if served_by is None else
+                [served_by.num, served_by.den] if isinstance(served_by, _RatioView) else [served_by[0]]
+            )
+            for group in groups:
+                wkey = (group.id, dim, value, Period(period_name), int(start))
+                if wkey in self.windows:
+                    self.dirty.add(wkey)
+
+    def _served_by(self) -> dict[str, tuple[_WindowGroup, str | None] | _RatioView]:
+        # Metric name -> (its group, its session field) or its ratio view.
+        served: dict[str, tuple[_WindowGroup, str | None] | _RatioView] = {}
+        for group in self.groups.values():
+            for publishers in group.publishers.values():
+                for name in publishers.members:
+                    served[name] = (group, None)
+                for name, field, _average in publishers.sessions:
+                    served[name] = (group, field)
+                for view in publishers.ratios:
+                    served[view.name] = view
+        return served
+
+    def _merge_format_1_pending(
+        self, served_by: tuple[_WindowGroup, str | None] | _RatioView | None, dim: str, value: str, minute: int,
+        acc: Any,
+    ) -> None:
+        # A format-1 pending minute (one exists only in a checkpoint not taken right after a flush),
+        # merged into its windows at once: a ratio's into the parts that no metric of the part's group keeps.
+        if served_by is None:
+            return
+        if isinstance(served_by, _RatioView):
+            parts = [(g, part) for g, part in ((served_by.num, acc.num), (served_by.den, acc.den))
+                     if not any(p.members for p in g.publishers.values())]
+        else:
+            parts = [(served_by[0], acc)]
+        for group, part in parts:
+            for period in group.targets.get(dim, ()):
+                start, end = self.calendar.bounds(period, minute)
+                wkey = (group.id, dim, value, period, start)
+                window = self.windows.get(wkey)
+                if window is None:
+                    self._new_window(wkey, part.partial(), end)
+                else:
+                    window.merge(part)
+                self.dirty.add(wkey)
+
+    def _clear_windows(self) -> None:
+        self.windows, self.ends, self.dirty = {}, {}, set()
+        self._closing, self._ends_heap, self._blocked = {}, [], []
+        for group in self.groups.values():
+            group.pending.clear()
+        self._session_folds, self._session_windows, self._opened, self._new_links = {}, {}, [], {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,58 +853,185 @@ class SnapshotMerger:
         return len(old)
 
 
-def _person_counters(acc: Any) -> list[Any]:
-    """The distinct counters inside an accumulator that identity stitching may rename."""
-    from streams.aggregators import DistinctAccumulator, RatioAccumulator
+# How a window group keeps its pending minutes and merges them: the accumulator behind its windows.
+_COUNT, _SUM, _AVERAGE, _DISTINCT, _SESSIONS = range(5)
+_KINDS = {Aggregation.count: _COUNT, Aggregation.sum: _SUM, Aggregation.average: _AVERAGE,
+          Aggregation.distinct: _DISTINCT}
+# How a route reads a group's observation of an event: every event counts once, the person, or the observer.
+_COUNT_EVERY, _PERSON, _OBSERVE = range(3)
+_NO_CHANGE = (0, 0, 0, 0)
 
-    if isinstance(acc, DistinctAccumulator):
-        return [acc.counter]
-    if isinstance(acc, RatioAccumulator):
-        return [p.counter for p in (acc.num, acc.den) if isinstance(p, DistinctAccumulator)]
-    return []
+
+class _RatioView:
+    """A ratio metric: published from its parts' windows, never kept on its own."""
+
+    __slots__ = ("name", "num", "den")
+
+    def __init__(self, name: str, num: _WindowGroup, den: _WindowGroup) -> None:
+        self.name, self.num, self.den = name, num, den
+
+
+class _Publishers:
+    """What one window of a group is published as (for one dimension and period)."""
+
+    __slots__ = ("members", "sessions", "ratios")
+
+    def __init__(self) -> None:
+        self.members: list[str] = []  # metrics whose partial is the window's state
+        self.sessions: list[tuple[str, str | None, bool]] = []  # session metrics: (name, field, average)
+        self.ratios: list[_RatioView] = []  # ratios this window is a part of
+
+
+class _WindowGroup:
+    """Metrics whose windows hold the same data, and so share them.
+
+    Metrics that observe events identically (dau, wau, mau and active_users; or a ratio's
+    part and the metric it is) keep one window per (dimension value, period, start), and
+    every session metric reads one :class:`~streams.aggregators.SessionTotals` per window.
+    A ratio keeps nothing of its own: its partial pairs its parts' windows. A part that is
+    not itself a streamed metric still gets a group, published only through its ratios.
+
+    On-time events and sessions go first to ``pending``, one entry per (dimension,
+    value, minute) in the group's raw form (a count, a sum, ``[sum, count]``, a set of
+    keys, or ``[sessions, duration, page views, events]`` differences); the flush merges
+    each entry into the group's windows of every period it keeps for that dimension
+    (``targets``).
+    """
+
+    __slots__ = ("id", "agg", "kind", "stitched", "publishers", "targets", "dimensions", "pending")
+
+    def __init__(self, agg: MetricAggregator, kind: int) -> None:
+        self.id = agg.name
+        self.agg = agg
+        self.kind = kind
+        self.stitched = agg.stitched
+        self.publishers: dict[tuple[str, Period], _Publishers] = {}
+        self.targets: dict[str, tuple[Period, ...]] = {}
+        self.dimensions: tuple[str, ...] = ()
+        self.pending: dict[tuple[str, str, int], Any] = {}
+
+    def publish(self, agg: MetricAggregator, view: _RatioView | None = None) -> None:
+        """Serve ``agg`` (a member, a session metric, or a ratio through ``view``) from this group's windows."""
+        for dim in ("", *agg.dimensions):
+            for period in agg.periods:
+                publishers = self.publishers.get((dim, period))
+                if publishers is None:
+                    publishers = self.publishers[(dim, period)] = _Publishers()
+                if view is not None:
+                    if view not in publishers.ratios:
+                        publishers.ratios.append(view)
+                elif self.kind == _SESSIONS:
+                    publishers.sessions.append((agg.name, agg.session_field, agg.definition.aggregation
+                                                is Aggregation.average))
+                else:
+                    publishers.members.append(agg.name)
+        dims = {d for d, _p in self.publishers}
+        self.targets = {d: tuple(p for p in PERIODS if (d, p) in self.publishers) for d in dims}
+        self.dimensions = tuple(sorted(dims - {""}))
+
+    def new(self) -> Any:
+        """An empty window."""
+        return SessionTotals() if self.kind == _SESSIONS else self.agg.new()
+
+    def from_raw(self, raw: Any) -> Any:
+        """A window holding a pending entry (taken over, not copied)."""
+        kind = self.kind
+        if kind == _DISTINCT:
+            acc = self.agg.new()
+            acc.counter = DistinctCounter.of_keys(raw, acc.counter.exact_limit)
+            return acc
+        if kind == _SESSIONS:
+            return SessionTotals(*raw)
+        acc = self.agg.new()
+        if kind == _COUNT:
+            acc.n = raw
+        elif kind == _SUM:
+            acc.total = raw
+        else:
+            acc.total, acc.n = raw
+        return acc
+
+    def copy_raw(self, raw: Any) -> Any:
+        """An independent copy of a pending entry."""
+        return raw.copy() if isinstance(raw, set | list) else raw
+
+    def encode_raw(self, raw: Any) -> Any:
+        """A pending entry as JSON-able data."""
+        return list(raw) if isinstance(raw, set) else raw
+
+    def decode_raw(self, data: Any) -> Any:
+        """The inverse of :meth:`encode_raw`."""
+        if self.kind == _DISTINCT:
+            return set(data)
+        if self.kind == _COUNT:
+            return int(data)
+        if self.kind == _SUM:
+            return float(data)
+        if self.kind == _AVERAGE:
+            return [float(data[0]), int(data[1])]
+        return [int(x) for x in data]
+
+
+def _window_groups(aggregators: Iterable[MetricAggregator]) -> tuple[dict[str, _WindowGroup], _WindowGroup | None]:
+    """The window groups serving ``aggregators`` (by group id), and the session metrics' group if any."""
+    by_signature: dict[Any, _WindowGroup] = {}
+    sessions: _WindowGroup | None = None
+
+    def group_of(agg: MetricAggregator) -> _WindowGroup:
+        group = by_signature.get(agg.observation_signature())
+        if group is None:
+            group = by_signature[agg.observation_signature()] = _WindowGroup(agg, _KINDS[agg.definition.aggregation])
+        return group
+
+    aggregators = list(aggregators)
+    for agg in aggregators:
+        if agg.source is Source.sessions:
+            if sessions is None:
+                sessions = _WindowGroup(agg, _SESSIONS)
+            sessions.publish(agg)
+        elif agg.ratio_parts is None:
+            group_of(agg).publish(agg)
+    for agg in aggregators:
+        parts = agg.ratio_parts
+        if agg.source is Source.events and parts is not None:
+            view = _RatioView(agg.name, group_of(parts[0]), group_of(parts[1]))
+            view.num.publish(agg, view)
+            view.den.publish(agg, view)
+    groups = {g.id: g for g in by_signature.values()}
+    if sessions is not None:
+        groups[sessions.id] = sessions
+    return groups, sessions
+
+
+def _session_keys(session: SessionWindow, dimensions: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The (dimension, value) keys a session is counted under: the total, and its first-touch values."""
+    return [("", ""), *((d, v) for d in dimensions if (v := getattr(session, d)))]
 
 
 class _EventRoute:
-    """What an event of one name feeds: metric groups, their observers, the dimensions to read."""
+    """What an event of one name feeds: the groups, how each observes it, and the dimensions to read.
 
-    __slots__ = ("groups", "observers", "dimensions")
+    ``plan`` holds one entry per group: (how the observation is read, the group's kind, its
+    pending minutes, its observer, the index of its dimensions in ``keysets``, the group).
+    """
+
+    __slots__ = ("dimensions", "keysets", "plan")
 
     def __init__(
-        self,
-        groups: list[_SharedObservation],
-        observers: list[tuple[_SharedObservation, Callable[[StreamEvent], Any]]],
-        dimensions: list[tuple[str, Callable[[StreamEvent], Any]]],
+        self, event_name: str, groups: list[_WindowGroup], readers: Mapping[str, Callable[[StreamEvent], Any]]
     ) -> None:
-        self.groups = groups
-        self.observers = observers
-        self.dimensions = dimensions
-
-
-class _SharedObservation:
-    """Metrics that observe events identically (dau, wau, mau, active_users): one pending accumulator each
-    minute serves all of them; they differ only in their periods and dimensions."""
-
-    def __init__(self, members: list[MetricAggregator]) -> None:
-        self.agg = members[0]
-        self.id = members[0].name
-        self.members = members
-        self.dimensions = tuple(sorted({d for m in members for d in m.dimensions}))
-        self._targets: dict[str, list[tuple[MetricAggregator, Period]]] = {}
-
-    def targets(self, dimension: str) -> list[tuple[MetricAggregator, Period]]:
-        """(metric, period) windows a pending accumulator of ``dimension`` ('' = total) merges into."""
-        found = self._targets.get(dimension)
-        if found is None:
-            found = [
-                (m, p) for m in self.members if not dimension or dimension in m.dimensions for p in m.periods
-            ]
-            self._targets[dimension] = found
-        return found
-
-
-def _share_observations(aggregators: Iterable[MetricAggregator]) -> dict[str, _SharedObservation]:
-    groups: dict[Any, list[MetricAggregator]] = {}
-    for agg in aggregators:
-        groups.setdefault(agg.observation_signature(), []).append(agg)
-    shared = [_SharedObservation(members) for members in groups.values()]
-    return {g.id: g for g in shared}
+        self.dimensions = [(d, readers[d]) for d in sorted({d for g in groups for d in g.dimensions})]
+        self.keysets: list[tuple[str, ...]] = []
+        self.plan: list[tuple[int, int, dict[Any, Any], Callable[[StreamEvent], Any], int, _WindowGroup]] = []
+        for group in groups:
+            if group.dimensions not in self.keysets:
+                self.keysets.append(group.dimensions)
+            observe = group.agg.observer(event_name)
+            definition = group.agg.definition
+            if group.kind == _COUNT and not definition.where:
+                mode = _COUNT_EVERY
+            elif group.kind == _DISTINCT and definition.distinct == "person" and not definition.where:
+                mode = _PERSON
+            else:
+                mode = _OBSERVE
+            self.plan.append((mode, group.kind, group.pending, observe, self.keysets.index(group.dimensions), group))
