@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
@@ -172,11 +172,12 @@ def _decode_current(data: bytes) -> StreamEvent:
         n, pos = (n >> 1, pos + 1) if n < 0x80 and not n & 1 else _length(data, pos)
         end = pos + n
         event_id = data[pos:end].decode()
-        # eventType (enum)
-        symbol, pos = _long(data, end)
-        if not 0 <= symbol < len(_EVENT_TYPES):
-            raise SchemaError(f"corrupt Avro body: enum symbol {symbol}")
-        event_type = _EVENT_TYPES[symbol]
+        # eventType (enum; a symbol index under 64 is one byte, its zig-zag even)
+        symbol = data[end]
+        if symbol >= 2 * len(_EVENT_TYPES) or symbol & 1:
+            raise SchemaError(f"corrupt Avro body: enum symbol byte {symbol}")
+        event_type = _EVENT_TYPES[symbol >> 1]
+        pos = end + 1
         # eventName (string)
         n = data[pos]
         n, pos = (n >> 1, pos + 1) if n < 0x80 and not n & 1 else _length(data, pos)
@@ -233,18 +234,24 @@ def _decode_current(data: bytes) -> StreamEvent:
 
 
 def _long(data: bytes, pos: int) -> tuple[int, int]:
-    # A zig-zag varint at ``pos``: (its value, the position after it). 7 bits a byte, low bits first.
+    # A zig-zag varint at ``pos``: (its value, the position after it). 7 bits a byte, low bits first;
+    # unrolled as far as a millisecond timestamp goes (6 bytes), a loop beyond.
     byte = data[pos]
-    if byte < 0x80:
-        return (byte >> 1) ^ -(byte & 1), pos + 1
-    value, shift = byte & 0x7F, 7
-    while True:
+    value = byte & 0x7F
+    if byte >= 0x80:
+        byte = data[pos + 1]
+        value |= (byte & 0x7F) << 7
         pos += 1
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return (value >> 1) ^ -(value & 1), pos + 1
-        shift += 7
+        if byte >= 0x80:
+            shift = 14
+            while True:
+                pos += 1
+                byte = data[pos]
+                value |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+    return (value >> 1) ^ -(value & 1), pos + 1
 
 
 def _length(data: bytes, pos: int) -> tuple[int, int]:
@@ -292,7 +299,7 @@ def field_reader(path: str) -> Callable[[StreamEvent], Any]:
             node = (event.properties if root == "properties" else event.context).get(outer)
             if isinstance(node, dict):
                 return node.get(inner)
-            return node.get(inner) if isinstance(node, Mapping) else None
+            return node.get(inner) if node is not None and isinstance(node, Mapping) else None
 
         return read_two
 
@@ -303,6 +310,46 @@ def field_reader(path: str) -> Callable[[StreamEvent], Any]:
                 return None
             node = node.get(key)
         return node
+
+    return read
+
+
+def texts_reader(fields: Iterable[tuple[str, str]]) -> Callable[[StreamEvent], list[tuple[str, str]]]:
+    """A function reading several ``(name, path)`` fields of an event at once: the ``(name, value)`` of
+    those whose value is non-empty text (what :func:`as_text` keeps), in the order given.
+
+    One call per event instead of one per field: this is how the windows read an event's dimensions.
+
+    >>> read = texts_reader([("country", "context.location.country"), ("community", "properties.community")])
+    >>> read(StreamEvent("id", "login", "action", "u", "", 0, {"community": 7}, {"location": {"country": "KE"}}))
+    [('country', 'KE')]
+    """
+    # (name, 0 = properties / 1 = context, first key, second key or None) for paths one or two keys deep.
+    shallow: list[tuple[str, int, str, str | None]] = []
+    other: list[tuple[str, Callable[[StreamEvent], Any]]] = []
+    for name, path in fields:
+        root, _, rest = path.partition(".")
+        keys = rest.split(".")
+        if root in ("properties", "context") and rest and len(keys) <= 2:
+            shallow.append((name, 0 if root == "properties" else 1, keys[0], keys[1] if len(keys) == 2 else None))
+        else:
+            other.append((name, field_reader(path)))
+
+    def read(event: StreamEvent) -> list[tuple[str, str]]:
+        found = []
+        roots = (event.properties, event.context)
+        for name, root, outer, inner in shallow:
+            node = roots[root].get(outer)
+            if inner is not None and node is not None:
+                # Decoded JSON is made of dicts; any other mapping is read the same way, anything else is None.
+                node = node.get(inner) if type(node) is dict or isinstance(node, Mapping) else None
+            if node and isinstance(node, str):
+                found.append((name, node))
+        for name, read_field in other:
+            value = read_field(event)
+            if value and isinstance(value, str):
+                found.append((name, value))
+        return found
 
     return read
 

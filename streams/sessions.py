@@ -56,34 +56,49 @@ def _browser_from_user_agent(user_agent: str) -> tuple[str, str]:
     return browser, os_name
 
 
+# Session attribute -> (context key, key inside it): the first-touch fields read off an event's context.
+_TOUCH: tuple[tuple[str, str, str], ...] = (
+    ("device", "device", "type"),
+    ("browser", "browser", "name"),
+    ("os", "os", "name"),
+    ("country", "location", "country"),
+    ("utm_source", "campaign", "source"),
+    ("utm_medium", "campaign", "medium"),
+    ("utm_campaign", "campaign", "name"),
+)
+
+
 def first_touch(context: Mapping[str, Any]) -> dict[str, str]:
-    """The session attributes read from an event's context (Segment's context layout)."""
+    """The session attributes read from an event's context (Segment's context layout).
 
-    def path(*keys: str) -> str:
-        node: Any = context
-        for key in keys:
-            if not isinstance(node, Mapping):
-                return ""
-            node = node.get(key)
-        return as_text(node)
-
-    browser = path("browser", "name")
-    os_name = path("os", "name")
-    user_agent = path("userAgent")
+    >>> first_touch({"location": {"country": "KE"}, "referrer": {"url": "https://a.example"}})["referrer"]
+    'https://a.example'
+    """
+    if not isinstance(context, Mapping):
+        context = {}
+    touch: dict[str, str] = {}
+    for name, outer, inner in _TOUCH:
+        touch[name] = _inner_text(context, outer, inner)
+    browser, os_name = touch["browser"], touch["os"]
+    user_agent = as_text(context.get("userAgent"))
     if user_agent and not (browser and os_name):
         parsed_browser, parsed_os = _browser_from_user_agent(user_agent)
-        browser = browser or parsed_browser
-        os_name = os_name or parsed_os
-    return {
-        "device": path("device", "type"),
-        "browser": browser,
-        "os": os_name,
-        "country": path("location", "country"),
-        "referrer": path("page", "referrer") or path("referrer", "url") or path("referrer"),
-        "utm_source": path("campaign", "source"),
-        "utm_medium": path("campaign", "medium"),
-        "utm_campaign": path("campaign", "name"),
-    }
+        touch["browser"] = browser or parsed_browser
+        touch["os"] = os_name or parsed_os
+    touch["referrer"] = (
+        _inner_text(context, "page", "referrer") or _inner_text(context, "referrer", "url")
+        or as_text(context.get("referrer"))
+    )
+    return touch
+
+
+def _inner_text(context: Mapping[str, Any], outer: str, inner: str) -> str:
+    # context[outer][inner] as text ('' when missing, not text, or not inside a mapping).
+    node = context.get(outer)
+    if node is None or not (type(node) is dict or isinstance(node, Mapping)):
+        return ""
+    value = node.get(inner)
+    return value if isinstance(value, str) else ""
 
 
 @dataclass(slots=True)
@@ -126,15 +141,11 @@ class SessionWindow:
     def start(cls, event: StreamEvent, user_id: str) -> SessionWindow:
         """A new session opened by ``event``."""
         touch = first_touch(event.context)
+        device_id, ts = event.device_id, event.ts
         return cls(
-            session_id=session_id_for(event.device_id, event.ts),
-            device_id=event.device_id,
-            user_id=user_id,
-            started_at=event.ts,
-            last_seen_at=event.ts,
-            page_views=1 if event.event_type == "page_view" else 0,
-            events=1,
-            **touch,
+            session_id_for(device_id, ts), device_id, user_id, ts, ts, 1 if event.event_type == "page_view" else 0,
+            1, touch["device"], touch["browser"], touch["os"], touch["country"], touch["referrer"],
+            touch["utm_source"], touch["utm_medium"], touch["utm_campaign"],
         )
 
 
@@ -211,9 +222,10 @@ class SessionTracker:
         return min((s.started_at for s in self.open.values()), default=None)
 
     def take_dirty(self) -> list[SessionWindow]:
-        """The sessions changed since the last call (copies: they may keep changing)."""
+        """The sessions changed since the last call (copies of the open ones: they may keep changing)."""
         values_of = _session_fields()
-        out = [SessionWindow(*values_of(s)) for s in self.dirty.values()]
+        # A closed session is out of ``open`` and never changes again: it is handed over as it is.
+        out = [s if s.closed else SessionWindow(*values_of(s)) for s in self.dirty.values()]
         self.dirty.clear()
         return out
 

@@ -69,7 +69,7 @@ from streams.aggregators import (
     encode_state,
 )
 from streams.catalogue import Aggregation, Source
-from streams.events import StreamEvent, field_reader
+from streams.events import StreamEvent, texts_reader
 from streams.periods import MINUTE_MS, PERIODS, Period, PeriodCalendar
 from streams.sessions import SessionWindow
 from streams.sketches import DistinctCounter
@@ -169,10 +169,6 @@ class WindowedMetrics:
         self._session_windows: dict[str, list[WindowKey]] = {}
         # Sessions started on time since the last flush: their windows are made when they are first folded.
         self._opened: list[SessionWindow] = []
-        used = {d for g in self._event_groups for d in g.dimensions}
-        from streams.catalogue import DIMENSIONS
-
-        self._dim_readers = {d: field_reader(DIMENSIONS[d]) for d in sorted(used)}
 
     def _route(self, event_name: str) -> _EventRoute:
         # Which windows an event of this name feeds is decided once per name, not per event.
@@ -181,7 +177,7 @@ class WindowedMetrics:
             groups = [
                 g for g in self._event_groups if g.agg.event_names is None or event_name in g.agg.event_names
             ]
-            route = self._routes[event_name] = _EventRoute(event_name, groups, self._dim_readers)
+            route = self._routes[event_name] = _EventRoute(event_name, groups)
         return route
 
     def add(self, event: StreamEvent) -> None:
@@ -192,17 +188,16 @@ class WindowedMetrics:
             self.watermark = watermark = ts
         minute = ts - ts % MINUTE_MS
         route = self._routes.get(event.event_name) or self._route(event.event_name)
-        found: dict[str, tuple[str, str, int]] = {}
-        for dim, read in route.dimensions:
-            value = read(event)
-            if value and isinstance(value, str):  # as_text: only strings are dimension values
-                found[dim] = (dim, value, minute)
+        present = route.read_dimensions(event)  # as_text: only strings are dimension values
         if minute + MINUTE_MS + self.grace_ms <= watermark:
-            self._add_late(route, event, ts, found)
+            self._add_late(route, event, ts, present)
             return
         # On time: into the pending minute of every group and key (merged into windows at the flush).
-        total = ("", "", minute)
-        keysets = [[total, *(found[d] for d in dims if d in found)] for dims in route.keysets]
+        keys = [("", "", minute)]
+        for dim, value in present:
+            keys.append((dim, value, minute))
+        # Groups that read fewer dimensions than the route take their subset of the keys.
+        keysets = [keys if dims is None else [k for k in keys if k[0] in dims] for dims in route.keysets]
         for mode, kind, pending, observe, index, _group in route.plan:
             keys = keysets[index]
             if mode == _COUNT_EVERY:
@@ -237,9 +232,7 @@ class WindowedMetrics:
                         sums[0] += observation
                         sums[1] += 1
 
-    def _add_late(
-        self, route: _EventRoute, event: StreamEvent, ts: int, found: Mapping[str, tuple[str, str, int]]
-    ) -> None:
+    def _add_late(self, route: _EventRoute, event: StreamEvent, ts: int, present: list[tuple[str, str]]) -> None:
         # Slow path: the event's minute is closed; count it in the longer periods still open.
         bounds, horizon = self.calendar.bounds, self.watermark - self.grace_ms
         late: set[str] = set()  # an event is late once per period, however many metrics it feeds
@@ -247,7 +240,7 @@ class WindowedMetrics:
             observation = 1 if mode == _COUNT_EVERY else event.person if mode == _PERSON else observe(event)
             if observation is SKIP:
                 continue
-            keys = [("", ""), *((d, found[d][1]) for d in group.dimensions if d in found)]
+            keys = [("", ""), *((d, v) for d, v in present if d in group.dimensions)]
             for period in group.targets[""]:
                 start, end = bounds(period, ts)
                 if end <= horizon:
@@ -390,17 +383,16 @@ class WindowedMetrics:
         links = self._new_links
         if not links:
             return
-        olds = links.keys()
+        olds = set(links)
         grace, stitched, ends, dirty = self.grace_ms, self._stitched, self.ends, self.dirty
         for wkey, acc in self.windows.items():
             if wkey[0] not in stitched:
                 continue
             counter = acc.counter
             keys = counter.keys
-            if keys is None:
+            if keys is None or keys.isdisjoint(olds):  # both walk the smaller set
                 continue
-            hits = (olds & keys) if len(keys) > len(links) else [k for k in keys if k in links]
-            for old in hits:
+            for old in keys & olds:
                 new, learned_at = links[old]
                 if ends[wkey] + grace > learned_at:
                     counter.rename(old, new)
@@ -1012,20 +1004,24 @@ class _EventRoute:
     """What an event of one name feeds: the groups, how each observes it, and the dimensions to read.
 
     ``plan`` holds one entry per group: (how the observation is read, the group's kind, its
-    pending minutes, its observer, the index of its dimensions in ``keysets``, the group).
+    pending minutes, its observer, the index of its keys in ``keysets``, the group).
+    ``keysets`` lists the dimension sets of the groups ('' for the total included), None
+    for a group that reads every dimension the route reads.
     """
 
-    __slots__ = ("dimensions", "keysets", "plan")
+    __slots__ = ("read_dimensions", "keysets", "plan")
 
-    def __init__(
-        self, event_name: str, groups: list[_WindowGroup], readers: Mapping[str, Callable[[StreamEvent], Any]]
-    ) -> None:
-        self.dimensions = [(d, readers[d]) for d in sorted({d for g in groups for d in g.dimensions})]
-        self.keysets: list[tuple[str, ...]] = []
+    def __init__(self, event_name: str, groups: list[_WindowGroup]) -> None:
+        from streams.catalogue import DIMENSIONS
+
+        dims = sorted({d for g in groups for d in g.dimensions})
+        self.read_dimensions = texts_reader((d, DIMENSIONS[d]) for d in dims)
+        self.keysets: list[frozenset[str] | None] = []
         self.plan: list[tuple[int, int, dict[Any, Any], Callable[[StreamEvent], Any], int, _WindowGroup]] = []
         for group in groups:
-            if group.dimensions not in self.keysets:
-                self.keysets.append(group.dimensions)
+            keyset = None if set(group.dimensions) == set(dims) else frozenset(("", *group.dimensions))
+            if keyset not in self.keysets:
+                self.keysets.append(keyset)
             observe = group.agg.observer(event_name)
             definition = group.agg.definition
             if group.kind == _COUNT and not definition.where:
@@ -1034,4 +1030,4 @@ class _EventRoute:
                 mode = _PERSON
             else:
                 mode = _OBSERVE
-            self.plan.append((mode, group.kind, group.pending, observe, self.keysets.index(group.dimensions), group))
+            self.plan.append((mode, group.kind, group.pending, observe, self.keysets.index(keyset), group))
