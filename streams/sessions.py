@@ -29,6 +29,7 @@ for sessions (metrics still count it) and left to the batch recompute.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import operator
 from collections.abc import Mapping
@@ -173,6 +174,12 @@ class SessionTracker:
         self.open: dict[str, SessionWindow] = {}
         self.dirty: dict[str, SessionWindow] = {}
         self.late_events = 0
+        # Heaps over the open sessions, so a flush need not look at every one of them: (time a session
+        # may expire at the earliest, device, session id) and (start, device, session id). An entry
+        # whose session is gone is dropped when it comes up; one that comes up early is pushed again.
+        self._expiry: list[tuple[int, str, str]] = []
+        self._starts: list[tuple[int, str, str]] = []
+        self._indexed: dict[str, SessionWindow] | None = None  # the ``open`` the heaps describe
 
     def add(self, event: StreamEvent, user_id: str = "") -> SessionWindow | None:
         """Apply ``event``; ``user_id`` is the device's stitched user when the event has none."""
@@ -200,26 +207,56 @@ class SessionTracker:
         if session is None:
             session = SessionWindow.start(event, event.user_id or user_id)
             self.open[device] = session
+            if self._indexed is self.open:
+                heapq.heappush(self._expiry, (self._expires_at(session), device, session.session_id))
+                heapq.heappush(self._starts, (ts, device, session.session_id))
         self.dirty[session.session_id] = session
         return session
 
+    def _expires_at(self, session: SessionWindow) -> int:
+        # The watermark at which the session closes unless another event extends it.
+        return min(session.last_seen_at + self.gap_ms, session.started_at + self.max_length_ms) + self.grace_ms
+
+    def _index(self) -> None:
+        # (Re)build the heaps when ``open`` was replaced (a restore), or the starts heap holds mostly gone sessions.
+        if self._indexed is self.open and len(self._starts) <= 2 * len(self.open) + 1000:
+            return
+        self._indexed = self.open
+        self._expiry = [(self._expires_at(s), device, s.session_id) for device, s in self.open.items()]
+        self._starts = [(s.started_at, device, s.session_id) for device, s in self.open.items()]
+        heapq.heapify(self._expiry)
+        heapq.heapify(self._starts)
+
     def expire(self, watermark_ms: int) -> int:
         """Close sessions whose inactivity (plus grace) or length has run out by ``watermark_ms``."""
-        expired = [
-            device
-            for device, s in self.open.items()
-            if s.last_seen_at + self.gap_ms + self.grace_ms <= watermark_ms
-            or s.started_at + self.max_length_ms + self.grace_ms <= watermark_ms
-        ]
-        for device in expired:
-            session = self.open.pop(device)
+        self._index()
+        heap, open_sessions, expired = self._expiry, self.open, 0
+        while heap and heap[0][0] <= watermark_ms:
+            _at, device, session_id = heapq.heappop(heap)
+            session = open_sessions.get(device)
+            if session is None or session.session_id != session_id:
+                continue  # closed or replaced since
+            expires_at = self._expires_at(session)
+            if expires_at > watermark_ms:  # extended by later events
+                heapq.heappush(heap, (expires_at, device, session_id))
+                continue
+            del open_sessions[device]
             session.closed = True
-            self.dirty[session.session_id] = session
-        return len(expired)
+            self.dirty[session_id] = session
+            expired += 1
+        return expired
 
     def oldest_open_start(self) -> int | None:
         """Start of the oldest open session (session-metric windows wait for it)."""
-        return min((s.started_at for s in self.open.values()), default=None)
+        self._index()
+        heap, open_sessions = self._starts, self.open
+        while heap:
+            started_at, device, session_id = heap[0]
+            session = open_sessions.get(device)
+            if session is not None and session.session_id == session_id:
+                return started_at
+            heapq.heappop(heap)
+        return None
 
     def take_dirty(self) -> list[SessionWindow]:
         """The sessions changed since the last call (copies of the open ones: they may keep changing)."""
