@@ -30,7 +30,7 @@ import orjson
 
 from streams.aggregators import MetricAggregator
 from streams.periods import PeriodCalendar
-from streams.sessions import SessionTracker, SessionWindow
+from streams.sessions import SESSION_FIELDS, SessionTracker, SessionWindow, session_values
 from streams.windows import DEFAULT_GRACE, MetricPartial, WindowedMetrics
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class PartitionProcessor:
         Call right after :meth:`flush` (nothing is pending then, so what was published and
         what is checkpointed agree).
         """
+        values_of = session_values
         document = {
             "format": CHECKPOINT_FORMAT,
             "partition": self.partition,
@@ -129,9 +130,10 @@ class PartitionProcessor:
             "links": self.links,
             "metrics": self.metrics.state(),
             "session_late": self.sessions.late_events,
-            # orjson writes a (slotted) dataclass as the object of its fields, as asdict would.
-            "open_sessions": list(self.sessions.open.values()),
-            "dirty_sessions": list(self.sessions.dirty.values()),
+            # Sessions as arrays of their fields, named once: half the size of objects, and faster to write.
+            "session_fields": SESSION_FIELDS,
+            "open_sessions": [values_of(s) for s in self.sessions.open.values()],
+            "dirty_sessions": [values_of(s) for s in self.sessions.dirty.values()],
         }
         return lz4.frame.compress(orjson.dumps(document))
 
@@ -153,8 +155,15 @@ class PartitionProcessor:
         self.events_applied = document["events_applied"]
         self.links = dict(document["links"])
         self.sessions.late_events = document["session_late"]
-        self.sessions.open = {s["device_id"]: SessionWindow(**s) for s in document["open_sessions"]}
-        self.sessions.dirty = {s["session_id"]: SessionWindow(**s) for s in document["dirty_sessions"]}
+        if version == 1:  # sessions as objects
+            open_sessions = [SessionWindow(**s) for s in document["open_sessions"]]
+            dirty_sessions = [SessionWindow(**s) for s in document["dirty_sessions"]]
+        else:
+            names = document["session_fields"]
+            open_sessions = [SessionWindow(**dict(zip(names, s, strict=True))) for s in document["open_sessions"]]
+            dirty_sessions = [SessionWindow(**dict(zip(names, s, strict=True))) for s in document["dirty_sessions"]]
+        self.sessions.open = {s.device_id: s for s in open_sessions}
+        self.sessions.dirty = {s.session_id: s for s in dirty_sessions}
         # An open session that is also dirty must be one object, so later events update both views.
         for session in self.sessions.open.values():
             if session.session_id in self.sessions.dirty:

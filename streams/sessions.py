@@ -150,10 +150,15 @@ class SessionWindow:
         )
 
 
-@lru_cache(maxsize=1)
-def _session_fields() -> Any:
-    # Every field of a session, in declaration order (what the positional constructor takes).
-    return operator.attrgetter(*(f.name for f in fields(SessionWindow)))
+# Every field of a session, in declaration order (what the positional constructor takes).
+SESSION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SessionWindow))
+_session_fields = operator.attrgetter(*SESSION_FIELDS)
+
+
+def session_values(session: SessionWindow) -> tuple[Any, ...]:
+    """Every field of ``session``, in declaration order: ``SessionWindow(*session_values(s))`` copies it."""
+    values: tuple[Any, ...] = _session_fields(session)
+    return values
 
 
 class SessionTracker:
@@ -260,7 +265,7 @@ class SessionTracker:
 
     def take_dirty(self) -> list[SessionWindow]:
         """The sessions changed since the last call (copies of the open ones: they may keep changing)."""
-        values_of = _session_fields()
+        values_of = _session_fields
         # A closed session is out of ``open`` and never changes again: it is handed over as it is.
         out = [s if s.closed else SessionWindow(*values_of(s)) for s in self.dirty.values()]
         self.dirty.clear()

@@ -203,7 +203,13 @@ class WindowedMetrics:
         for dim, value in present:
             keys.append((dim, value, minute))
         # Groups that read fewer dimensions than the route take their subset of the keys.
-        keysets = [keys if dims is None else [k for k in keys if k[0] in dims] for dims in route.keysets]
+        dimsets = route.keysets
+        if len(keys) == 1:
+            keysets = [keys] * len(dimsets)
+        elif len(dimsets) > 1 or dimsets[0] is not None:
+            keysets = [keys if dims is None else [k for k in keys if k[0] in dims] for dims in dimsets]
+        else:
+            keysets = [keys]
         for mode, kind, pending, observe, index, _group in route.plan:
             keys = keysets[index]
             if mode == _COUNT_EVERY:
