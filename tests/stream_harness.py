@@ -12,6 +12,7 @@ from streams.catalogue import CATALOGUE, Catalogue
 from streams.events import StreamEvent
 from streams.periods import PeriodCalendar
 from streams.processor import PartitionProcessor
+from streams.sketches import DEFAULT_EXACT_LIMIT
 from streams.windows import SnapshotMerger
 
 
@@ -25,9 +26,10 @@ class LocalPipeline:
         partitions: int = 3,
         grace: timedelta = timedelta(minutes=5),
         names: Iterable[str] | None = None,
+        exact_limit: int = DEFAULT_EXACT_LIMIT,
     ) -> None:
         self.calendar = PeriodCalendar(tz)
-        self.aggregators = compile_catalogue(catalogue, names)
+        self.aggregators = compile_catalogue(catalogue, names, exact_limit)
         self.grace = grace
         self.processors = [self.new_processor(p) for p in range(partitions)]
         self.offsets = [0] * partitions
@@ -58,14 +60,14 @@ class LocalPipeline:
         self.flush()
         return log
 
-    def flush(self) -> None:
-        """Flush every partition and merge what they publish."""
+    def flush(self, now: float | None = None) -> None:
+        """Flush every partition and merge what they publish (``now``: see :meth:`WindowedMetrics.flush`)."""
         for processor in self.processors:
-            self.publish(processor)
+            self.publish(processor, now)
 
-    def publish(self, processor: PartitionProcessor) -> None:
+    def publish(self, processor: PartitionProcessor, now: float | None = None) -> None:
         """Flush one partition and apply its outputs downstream (latest value wins)."""
-        result = processor.flush()
+        result = processor.flush(now)
         for session in result.sessions:
             self.sessions[session.session_id] = session
         for partial in result.partials:
