@@ -106,3 +106,16 @@ def test_clickhouse_field_semantics() -> None:
     assert as_text("a") == "a" and as_text(5) == "" and as_text(None) == ""
     assert as_number(True) is None and as_number(float("nan")) is None and as_number(float("inf")) is None
     assert as_number(3) == 3.0 and as_number("3") is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["streams.events", "streams.sessions", "streams.sketches", "streams.aggregators", "streams.periods",
+     "streams.windows"],
+)
+def test_docstring_examples_run(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0
