@@ -15,13 +15,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastavro import parse_schema, schemaless_reader
 
 from schemas.codec import HEADER_LENGTH, SINGLE_OBJECT_MARKER, SchemaError, load_schema, schema_fingerprint
 from schemas.models import AnalyticsEvent
+
+_Name = TypeVar("_Name")
 
 EVENT_SCHEMAS = ("analytics_event.avsc", "analytics_event.v1.avsc")  # current first, then older versions
 
@@ -79,10 +81,10 @@ class StreamEvent:
         Messages of the current schema are read by :func:`_decode_current`, older ones by
         fastavro (resolved to the current schema).
         """
+        if type(data) is bytes and data.startswith(_CURRENT_HEADER or _current_header()):
+            return _decode_current(data)
         if len(data) < HEADER_LENGTH or data[:2] != SINGLE_OBJECT_MARKER:
             raise SchemaError("not an Avro single-object encoded message")
-        if data[2:HEADER_LENGTH] == _current_fingerprint():
-            return _decode_current(bytes(data))
         schemas = _plain_event_schemas()
         writer = schemas.get(bytes(data[2:HEADER_LENGTH]))
         if writer is None:
@@ -120,14 +122,23 @@ def _plain_event_schemas() -> dict[bytes, Any]:
     return schemas
 
 
-@cache
-def _current_fingerprint() -> bytes:
-    """The fingerprint of the schema :func:`_decode_current` reads, after checking it has the layout it expects."""
+_CURRENT_HEADER = b""  # set by _current_header() on first use
+
+
+def _current_header() -> bytes:
+    """The message header (marker and fingerprint) of the schema :func:`_decode_current` reads.
+
+    Checked against the schema file first: if its layout is not the one the reader was
+    written for (a new schema version), no message has this header and fastavro reads them all.
+    """
+    global _CURRENT_HEADER
     current = load_schema(EVENT_SCHEMAS[0])
     layout = [(f["name"], _bare(_without_logical_types(f["type"]))) for f in current["fields"]]
-    if layout != _CURRENT_LAYOUT:  # a new schema version: read by fastavro until this reader follows it
-        return b"not the current schema"
-    return schema_fingerprint(parse_schema(current))
+    if layout != _CURRENT_LAYOUT:
+        _CURRENT_HEADER = b"not the current schema: no message starts with this"
+    else:
+        _CURRENT_HEADER = SINGLE_OBJECT_MARKER + schema_fingerprint(parse_schema(current))
+    return _CURRENT_HEADER
 
 
 def _bare(schema: Any) -> Any:
@@ -160,16 +171,19 @@ def _decode_current(data: bytes) -> StreamEvent:
 
     fastavro spends more on setting up each call than on the few fields of an event; this
     reads exactly :data:`_CURRENT_LAYOUT` (Avro binary encoding: zig-zag varints,
-    length-prefixed UTF-8, union branch indexes) and builds the event directly. A length
-    under 64 is one byte (the ids and names): that case is read inline, the rest by
-    :func:`_long`.
+    length-prefixed UTF-8, union branch indexes) and builds the event directly. Every
+    bytecode counts here (it runs once per event), hence the fields written out one by
+    one, the short varints read inline (a length under 64 takes one byte, under 8,192
+    two; a timestamp of this century six) and the rest by :func:`_varint`.
     """
     size = len(data)
     try:
-        pos = HEADER_LENGTH
         # id (string)
-        n = data[pos]
-        n, pos = (n >> 1, pos + 1) if n < 0x80 and not n & 1 else _length(data, pos)
+        n = data[10]
+        if n >= 0x80 or n & 1:
+            n, pos = _length(data, 10)
+        else:
+            n, pos = n >> 1, 11
         end = pos + n
         event_id = data[pos:end].decode()
         # eventType (enum; a symbol index under 64 is one byte, its zig-zag even)
@@ -177,40 +191,88 @@ def _decode_current(data: bytes) -> StreamEvent:
         if symbol >= 2 * len(_EVENT_TYPES) or symbol & 1:
             raise SchemaError(f"corrupt Avro body: enum symbol byte {symbol}")
         event_type = _EVENT_TYPES[symbol >> 1]
-        pos = end + 1
         # eventName (string)
-        n = data[pos]
-        n, pos = (n >> 1, pos + 1) if n < 0x80 and not n & 1 else _length(data, pos)
+        n = data[end + 1]
+        if n >= 0x80 or n & 1:
+            n, pos = _length(data, end + 1)
+        else:
+            n, pos = n >> 1, end + 2
         end = pos + n
         event_name = data[pos:end].decode()
         # userId, anonymousId, sessionId (["null", "string"]; null reads as "")
-        ids = []
-        for _ in range(3):
-            branch = data[end]
-            if branch == 0:
-                ids.append("")
-                end += 1
-                continue
-            if branch != 2:
-                raise SchemaError(f"corrupt Avro body: union branch {branch}")
+        branch = data[end]
+        if branch == 0:
+            user_id, end = "", end + 1
+        elif branch == 2:
             n = data[end + 1]
-            n, pos = (n >> 1, end + 2) if n < 0x80 and not n & 1 else _length(data, end + 1)
+            if n >= 0x80 or n & 1:
+                n, pos = _length(data, end + 1)
+            else:
+                n, pos = n >> 1, end + 2
             end = pos + n
-            ids.append(data[pos:end].decode())
+            user_id = data[pos:end].decode()
+        else:
+            raise SchemaError(f"corrupt Avro body: union branch {branch}")
+        branch = data[end]
+        if branch == 0:
+            anonymous_id, end = "", end + 1
+        elif branch == 2:
+            n = data[end + 1]
+            if n >= 0x80 or n & 1:
+                n, pos = _length(data, end + 1)
+            else:
+                n, pos = n >> 1, end + 2
+            end = pos + n
+            anonymous_id = data[pos:end].decode()
+        else:
+            raise SchemaError(f"corrupt Avro body: union branch {branch}")
+        branch = data[end]
+        if branch == 0:
+            end += 1
+        elif branch == 2:
+            n, pos = _length(data, end + 1)
+            end = pos + n
+            data[pos:end].decode()  # not kept, but it must be text
+        else:
+            raise SchemaError(f"corrupt Avro body: union branch {branch}")
         # properties, context (JSON text)
-        n, pos = _length(data, end)
-        end = pos + n
+        n = data[end]
+        if n < 0x80:
+            pos = end + 1
+        elif data[end + 1] < 0x80:
+            n, pos = (n & 0x7F) | data[end + 1] << 7, end + 2
+        else:
+            n, pos = _varint(data, end)
+        if n & 1:
+            raise SchemaError("corrupt Avro body: negative length")
+        end = pos + (n >> 1)
         properties = data[pos:end]
-        n, pos = _length(data, end)
-        end = pos + n
+        n = data[end]
+        if n < 0x80:
+            pos = end + 1
+        elif data[end + 1] < 0x80:
+            n, pos = (n & 0x7F) | data[end + 1] << 7, end + 2
+        else:
+            n, pos = _varint(data, end)
+        if n & 1:
+            raise SchemaError("corrupt Avro body: negative length")
+        end = pos + (n >> 1)
         context = data[pos:end]
         if end > size:
             raise IndexError("a string runs past the end of the message")
-        # timestamp (long), receivedAt (["null", "long"]), source (string): read to check the body is whole
-        ts, pos = _long(data, end)
+        # timestamp (long)
+        n = int.from_bytes(data[end : end + 6], "little")
+        if n & 0x808080808080 == 0x008080808080:  # six bytes, the last without continuation
+            n = (n & 0x7F | n >> 1 & 0x3F80 | n >> 2 & 0x1FC000 | n >> 3 & 0xFE00000 | n >> 4 & 0x7F0000000
+                 | n >> 5 & 0x3F800000000)
+            pos = end + 6
+        else:
+            n, pos = _varint(data, end)
+        ts = (n >> 1) ^ -(n & 1)
+        # receivedAt (["null", "long"]), source (string): read to check the body is whole
         branch = data[pos]
         if branch == 2:
-            _received_at, pos = _long(data, pos + 1)
+            _received_at, pos = _varint(data, pos + 1)
         elif branch == 0:
             pos += 1
         else:
@@ -218,48 +280,39 @@ def _decode_current(data: bytes) -> StreamEvent:
         n, pos = _length(data, pos)
         if pos + n > size:
             raise IndexError("a string runs past the end of the message")
-        data[pos:pos + n].decode()
+        data[pos : pos + n].decode()
     except (IndexError, UnicodeDecodeError) as exc:
         raise SchemaError(f"corrupt Avro body: {exc}") from exc
     return StreamEvent(
         event_id,
         event_name,
         event_type,
-        ids[0],
-        ids[1],
+        user_id,
+        anonymous_id,
         ts,
         json_object(properties) if properties and properties != b"{}" else {},
         json_object(context) if context and context != b"{}" else {},
     )
 
 
-def _long(data: bytes, pos: int) -> tuple[int, int]:
-    # A zig-zag varint at ``pos``: (its value, the position after it). 7 bits a byte, low bits first;
-    # unrolled as far as a millisecond timestamp goes (6 bytes), a loop beyond.
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    # An unsigned varint at ``pos`` (7 bits a byte, low bits first): (its value, the position after it).
     byte = data[pos]
-    value = byte & 0x7F
-    if byte >= 0x80:
-        byte = data[pos + 1]
-        value |= (byte & 0x7F) << 7
+    value, shift = byte & 0x7F, 7
+    while byte >= 0x80:
         pos += 1
-        if byte >= 0x80:
-            shift = 14
-            while True:
-                pos += 1
-                byte = data[pos]
-                value |= (byte & 0x7F) << shift
-                if byte < 0x80:
-                    break
-                shift += 7
-    return (value >> 1) ^ -(value & 1), pos + 1
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        shift += 7
+    return value, pos + 1
 
 
 def _length(data: bytes, pos: int) -> tuple[int, int]:
-    # A string's length: a varint that must not be negative.
-    size, pos = _long(data, pos)
-    if size < 0:
-        raise SchemaError(f"corrupt Avro body: length {size}")
-    return size, pos
+    # A string's length: a zig-zag varint that must not be negative.
+    raw, pos = _varint(data, pos)
+    if raw & 1:
+        raise SchemaError(f"corrupt Avro body: length {-(raw >> 1) - 1}")
+    return raw >> 1, pos
 
 
 def json_object(text: str | bytes) -> Any:
@@ -314,9 +367,10 @@ def field_reader(path: str) -> Callable[[StreamEvent], Any]:
     return read
 
 
-def texts_reader(fields: Iterable[tuple[str, str]]) -> Callable[[StreamEvent], list[tuple[str, str]]]:
+def texts_reader(fields: Iterable[tuple[_Name, str]]) -> Callable[[StreamEvent], list[tuple[_Name, str]]]:
     """A function reading several ``(name, path)`` fields of an event at once: the ``(name, value)`` of
-    those whose value is non-empty text (what :func:`as_text` keeps), in the order given.
+    those whose value is non-empty text (what :func:`as_text` keeps), in the order given (a name
+    is whatever the caller wants back with the value).
 
     One call per event instead of one per field: this is how the windows read an event's dimensions.
 
@@ -325,8 +379,8 @@ def texts_reader(fields: Iterable[tuple[str, str]]) -> Callable[[StreamEvent], l
     [('country', 'KE')]
     """
     # (name, 0 = properties / 1 = context, first key, second key or None) for paths one or two keys deep.
-    shallow: list[tuple[str, int, str, str | None]] = []
-    other: list[tuple[str, Callable[[StreamEvent], Any]]] = []
+    shallow: list[tuple[_Name, int, str, str | None]] = []
+    other: list[tuple[_Name, Callable[[StreamEvent], Any]]] = []
     for name, path in fields:
         root, _, rest = path.partition(".")
         keys = rest.split(".")
@@ -335,7 +389,7 @@ def texts_reader(fields: Iterable[tuple[str, str]]) -> Callable[[StreamEvent], l
         else:
             other.append((name, field_reader(path)))
 
-    def read(event: StreamEvent) -> list[tuple[str, str]]:
+    def read(event: StreamEvent) -> list[tuple[_Name, str]]:
         found = []
         roots = (event.properties, event.context)
         for name, root, outer, inner in shallow:

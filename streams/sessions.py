@@ -79,7 +79,12 @@ def first_touch(context: Mapping[str, Any]) -> dict[str, str]:
         context = {}
     touch: dict[str, str] = {}
     for name, outer, inner in _TOUCH:
-        touch[name] = _inner_text(context, outer, inner)
+        node = context.get(outer)
+        if node is not None and (type(node) is dict or isinstance(node, Mapping)):
+            value = node.get(inner)
+            touch[name] = value if isinstance(value, str) else ""
+        else:
+            touch[name] = ""
     browser, os_name = touch["browser"], touch["os"]
     user_agent = as_text(context.get("userAgent"))
     if user_agent and not (browser and os_name):
@@ -188,7 +193,7 @@ class SessionTracker:
 
     def add(self, event: StreamEvent, user_id: str = "") -> SessionWindow | None:
         """Apply ``event``; ``user_id`` is the device's stitched user when the event has none."""
-        device = event.device_id
+        device = event.anonymous_id or event.user_id  # event.device_id, without a property call per event
         ts = event.ts
         session = self.open.get(device)
         if session is not None:

@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import heapq
 import logging
+import operator
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -196,50 +197,56 @@ class WindowedMetrics:
         route = self._routes.get(event.event_name) or self._route(event.event_name)
         present = route.read_dimensions(event)  # as_text: only strings are dimension values
         if minute + MINUTE_MS + self.grace_ms <= watermark:
-            self._add_late(route, event, ts, present)
+            self._add_late(route, event, ts, [(dim, value) for (dim, _bit), value in present])
             return
         # On time: into the pending minute of every group and key (merged into windows at the flush).
-        keys = [("", "", minute)]
-        for dim, value in present:
-            keys.append((dim, value, minute))
-        # Groups that read fewer dimensions than the route take their subset of the keys.
-        dimsets = route.keysets
-        if len(keys) == 1:
-            keysets = [keys] * len(dimsets)
-        elif len(dimsets) > 1 or dimsets[0] is not None:
-            keysets = [keys if dims is None else [k for k in keys if k[0] in dims] for dims in dimsets]
-        else:
-            keysets = [keys]
-        for mode, kind, pending, observe, index, _group in route.plan:
-            keys = keysets[index]
+        every = [("", "", minute)]
+        present_dims = 0
+        for (dim, bit), value in present:
+            every.append((dim, value, minute))
+            present_dims |= bit
+        # The pending dicts make what a new key starts from (0, 0.0, an empty set, [0.0, 0]).
+        for mode, kind, pending, observe, select in route.plans.get(present_dims) or route.plan(present_dims):
+            # A group that reads fewer dimensions than the event carries takes its subset of the keys.
+            keys = every if select is None else select(every)
             if mode == _COUNT_EVERY:
                 for key in keys:
-                    pending[key] = pending.get(key, 0) + 1
+                    pending[key] += 1
                 continue
-            observation = event.person if mode == _PERSON else observe(event)
-            if observation is SKIP:
-                continue
+            observation: Any
+            if mode == _PERSON:
+                observation = event.person
+            elif mode == _OBSERVE:
+                observation = observe(event)
+                if observation is SKIP:
+                    continue
+            else:  # _TEXT: a text field read here rather than through two closures
+                root, outer, inner = observe
+                observation = (event.properties, event.context)[root].get(outer)
+                if inner is not None and observation is not None:
+                    observation = observation.get(inner) if isinstance(observation, Mapping) else None
+                if not isinstance(observation, str):
+                    observation = ""
             if kind == _DISTINCT:
-                for key in keys:
-                    seen = pending.get(key)
-                    if seen is None:
-                        seen = pending[key] = set()
-                    if observation:
-                        seen.add(observation)
+                if observation:
+                    for key in keys:
+                        pending[key].add(observation)
+                else:  # counts nothing, but the window exists
+                    for key in keys:
+                        pending[key]  # noqa: B018
             elif kind == _COUNT:
                 for key in keys:
-                    pending[key] = pending.get(key, 0) + 1
+                    pending[key] += 1
             elif kind == _SUM:
-                for key in keys:
-                    if observation is not None:
-                        pending[key] = pending.get(key, 0.0) + observation
-                    elif key not in pending:
-                        pending[key] = 0.0
+                if observation is None:
+                    for key in keys:
+                        pending[key]  # noqa: B018
+                else:
+                    for key in keys:
+                        pending[key] += observation
             else:  # _AVERAGE: [total, count]
                 for key in keys:
-                    sums = pending.get(key)
-                    if sums is None:
-                        sums = pending[key] = [0.0, 0]
+                    sums = pending[key]
                     if observation is not None:
                         sums[0] += observation
                         sums[1] += 1
@@ -248,8 +255,8 @@ class WindowedMetrics:
         # Slow path: the event's minute is closed; count it in the longer periods still open.
         bounds, horizon = self.calendar.bounds, self.watermark - self.grace_ms
         late: set[str] = set()  # an event is late once per period, however many metrics it feeds
-        for mode, _kind, _pending, observe, _index, group in route.plan:
-            observation = 1 if mode == _COUNT_EVERY else event.person if mode == _PERSON else observe(event)
+        for group, observe in route.observers:
+            observation = observe(event)
             if observation is SKIP:
                 continue
             keys = [("", ""), *((d, v) for d, v in present if d in group.dimensions)]
@@ -366,15 +373,11 @@ class WindowedMetrics:
             started = session.started_at
             minute = started - started % MINUTE_MS
             for dim, value in _session_keys(session, dims):
-                key = (dim, value, minute)
-                sums = pending.get(key)
-                if sums is None:
-                    pending[key] = list(delta)
-                else:
-                    sums[0] += delta[0]
-                    sums[1] += delta[1]
-                    sums[2] += delta[2]
-                    sums[3] += delta[3]
+                sums = pending[(dim, value, minute)]
+                sums[0] += delta[0]
+                sums[1] += delta[1]
+                sums[2] += delta[2]
+                sums[3] += delta[3]
 
     def rename_person(self, old: str, new: str, ts: int) -> None:
         """Identity stitching, learned from an event at ``ts``: ``old`` is ``new`` in every window still open.
@@ -867,9 +870,14 @@ class SnapshotMerger:
 _COUNT, _SUM, _AVERAGE, _DISTINCT, _SESSIONS = range(5)
 _KINDS = {Aggregation.count: _COUNT, Aggregation.sum: _SUM, Aggregation.average: _AVERAGE,
           Aggregation.distinct: _DISTINCT}
-# How a route reads a group's observation of an event: every event counts once, the person, or the observer.
-_COUNT_EVERY, _PERSON, _OBSERVE = range(3)
+# How a route reads a group's observation of an event: every event counts once, the person, the observer,
+# or a text field read inline.
+_COUNT_EVERY, _PERSON, _OBSERVE, _TEXT = range(4)
 _NO_CHANGE = (0, 0, 0, 0)
+# What a pending entry starts from, by kind.
+_PENDING_START: dict[int, Callable[[], Any]] = {
+    _COUNT: int, _SUM: float, _AVERAGE: lambda: [0.0, 0], _DISTINCT: set, _SESSIONS: lambda: [0, 0, 0, 0],
+}
 
 
 class _RatioView:
@@ -918,7 +926,7 @@ class _WindowGroup:
         self.publishers: dict[tuple[str, Period], _Publishers] = {}
         self.targets: dict[str, tuple[Period, ...]] = {}
         self.dimensions: tuple[str, ...] = ()
-        self.pending: dict[tuple[str, str, int], Any] = {}
+        self.pending: defaultdict[tuple[str, str, int], Any] = defaultdict(_PENDING_START[kind])
 
     def publish(self, agg: MetricAggregator, view: _RatioView | None = None) -> None:
         """Serve ``agg`` (a member, a session metric, or a ratio through ``view``) from this group's windows."""
@@ -1018,34 +1026,57 @@ def _session_keys(session: SessionWindow, dimensions: tuple[str, ...]) -> list[t
     return [("", ""), *((d, v) for d in dimensions if (v := getattr(session, d)))]
 
 
+# (mode, kind, pending minutes, observer or field path, key selection): see _EventRoute.
+_PlanStep = tuple[int, int, defaultdict[Any, Any], Any, Callable[[list[Any]], Any] | None]
+
+
 class _EventRoute:
     """What an event of one name feeds: the groups, how each observes it, and the dimensions to read.
 
-    ``plan`` holds one entry per group: (how the observation is read, the group's kind, its
-    pending minutes, its observer, the index of its keys in ``keysets``, the group).
-    ``keysets`` lists the dimension sets of the groups ('' for the total included), None
-    for a group that reads every dimension the route reads.
+    ``read_dimensions`` returns the event's dimension values as ``((dimension, bit),
+    value)``; the bits of the dimensions present select the event's plan (:meth:`plan`,
+    made once per set of dimensions): per group, how its observation is read (the mode),
+    its kind, its pending minutes, its observer (or the path of a text field read
+    inline), and which of the event's keys it takes (None: all of them).
     """
 
-    __slots__ = ("read_dimensions", "keysets", "plan")
+    __slots__ = ("read_dimensions", "observers", "plans", "_groups", "_bits")
 
     def __init__(self, event_name: str, groups: list[_WindowGroup]) -> None:
         from streams.catalogue import DIMENSIONS
 
         dims = sorted({d for g in groups for d in g.dimensions})
-        self.read_dimensions = texts_reader((d, DIMENSIONS[d]) for d in dims)
-        self.keysets: list[frozenset[str] | None] = []
-        self.plan: list[tuple[int, int, dict[Any, Any], Callable[[StreamEvent], Any], int, _WindowGroup]] = []
-        for group in groups:
-            keyset = None if set(group.dimensions) == set(dims) else frozenset(("", *group.dimensions))
-            if keyset not in self.keysets:
-                self.keysets.append(keyset)
-            observe = group.agg.observer(event_name)
+        self._bits = {d: 1 << i for i, d in enumerate(dims)}
+        self.read_dimensions = texts_reader(((d, self._bits[d]), DIMENSIONS[d]) for d in dims)
+        self.observers = [(g, g.agg.observer(event_name)) for g in groups]
+        self.plans: dict[int, list[_PlanStep]] = {}
+        self._groups = groups
+
+    def plan(self, present: int) -> list[_PlanStep]:
+        """The plan for events carrying the dimensions whose bits are ``present``."""
+        order = [d for d, bit in self._bits.items() if present & bit]  # the order of the event's keys after the total
+        plan: list[_PlanStep] = []
+        for group, observe in self.observers:
+            taken = [0, *(i for i, d in enumerate(order, 1) if d in group.dimensions)]
+            select: Callable[[list[Any]], Any] | None = None
+            if len(taken) == 1:
+                select = operator.itemgetter(slice(0, 1))
+            elif len(taken) <= len(order):
+                select = operator.itemgetter(*taken)
             definition = group.agg.definition
-            if group.kind == _COUNT and not definition.where:
+            mode, how = _OBSERVE, observe  # type: tuple[int, Any]
+            if definition.where:
+                pass
+            elif group.kind == _COUNT:
                 mode = _COUNT_EVERY
-            elif group.kind == _DISTINCT and definition.distinct == "person" and not definition.where:
+            elif group.kind == _DISTINCT and definition.distinct == "person":
                 mode = _PERSON
-            else:
-                mode = _OBSERVE
-            self.plan.append((mode, group.kind, group.pending, observe, self.keysets.index(keyset), group))
+            elif group.kind == _DISTINCT:
+                root, _, rest = definition.distinct.partition(".")
+                keys = rest.split(".")
+                if root in ("properties", "context") and len(keys) <= 2:
+                    mode = _TEXT
+                    how = (0 if root == "properties" else 1, keys[0], keys[1] if len(keys) == 2 else None)
+            plan.append((mode, group.kind, group.pending, how, select))
+        self.plans[present] = plan
+        return plan
