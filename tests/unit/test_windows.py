@@ -133,3 +133,27 @@ def test_checkpoint_restore_and_replay_never_double_count() -> None:
 
 def test_grace_is_named_and_default_five_minutes() -> None:
     assert _processor().metrics.grace_ms == 5 * 60_000
+
+
+def test_a_session_starting_after_its_minute_closed_counts_where_its_windows_still_exist() -> None:
+    """Session windows are judged when the session starts: one that exists counts it, a closed one that does not
+    exist counts it late (once per session metric it would have served), the longer periods count it."""
+    pipeline = LocalPipeline(partitions=1, names=["sessions", "session_duration"])
+    kenya, germany = {"location": {"country": "KE"}}, {"location": {"country": "DE"}}
+    events = [
+        event("page_view", T0 + timedelta(seconds=10), anonymous_id="dev-1", context=kenya),
+        event("page_view", T0 + timedelta(minutes=7), anonymous_id="dev-2", context=kenya),  # minute 10:00 closes
+        # A new device starting in minute 10:00: the total's window exists (dev-1's session keeps it open), the
+        # window of Germany does not and is closed.
+        event("page_view", T0 + timedelta(seconds=20), anonymous_id="dev-3", context=germany),
+        event("page_view", T0 + timedelta(seconds=50), anonymous_id="dev-3", context=germany),
+        event("page_view", T0 + timedelta(hours=2), anonymous_id="dev-4"),  # everything before closes
+    ]
+    pipeline.feed(events, flush_every=2)
+    minute = {(k[0], k[3]): v for k, v in pipeline.snapshots.items() if k[1] == "minute" and k[2] == ms(T0)}
+    hour = {(k[0], k[3]): v for k, v in pipeline.snapshots.items() if k[1] == "hour" and k[2] == ms(T0)}
+    assert minute == {("sessions", ""): 2.0, ("sessions", "country=KE"): 1.0,
+                      ("session_duration", ""): 15.0, ("session_duration", "country=KE"): 0.0}
+    assert hour[("sessions", "")] == 3.0 and hour[("sessions", "country=DE")] == 1.0
+    assert hour[("session_duration", "country=DE")] == 30.0
+    assert pipeline.processors[0].late_events == {"session_minute": 2}
