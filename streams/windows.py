@@ -340,6 +340,9 @@ class WindowedMetrics:
 
         A session is folded in as the difference from what it contributed at its previous
         fold, into the pending minute of its start (merged into its windows at the flush).
+        What a session contributed is forgotten once it is closed: should a device's late
+        event start a session at the very millisecond of an expired one (so with its id),
+        the windows count both, where the sessions table keeps only the later.
         """
         group = self._sessions
         if group is None:
