@@ -67,6 +67,12 @@ PUBLISH_EVERY = {Period.minute: 5.0, Period.hour: 10.0, Period.day: 30.0, Period
 # at most this often, or when ``stream_flush_events`` events wait. A crash replays since then.
 CHECKPOINT_EVERY_SECONDS = 10.0
 
+
+def publish_every(settings: Settings) -> dict[Period, float]:
+    """Seconds between publications of a changed open window, per period (stages one and two alike)."""
+    return {period: min(seconds, settings.stream_republish_max_seconds) for period, seconds in PUBLISH_EVERY.items()}
+
+
 FLUSHES = Counter("tidemark_stream_flushes_total", "Partition checkpoints (publish + checkpoint + commit).")
 
 
@@ -170,7 +176,6 @@ class EventsAgent:
         self._checkpointed_at: dict[int, float] = {}
         # Serialising a partition's state costs milliseconds to seconds: not at every flush.
         self.checkpoint_seconds = CHECKPOINT_EVERY_SECONDS
-        self.republish_max_seconds = settings.stream_republish_max_seconds
         self._session_codec = session_codec()
         self._partial_codec = metric_partial_batch_codec()
         self._lanes: dict[tuple[Any, ...], int] = {}  # (metric, period, dimension, value) -> its lane
@@ -188,9 +193,7 @@ class EventsAgent:
                 session_gap=self.gap,
                 session_max_length=self.max_length,
             )
-            processor.metrics.publish_every = {
-                period: min(seconds, self.republish_max_seconds) for period, seconds in PUBLISH_EVERY.items()
-            }
+            processor.metrics.publish_every = publish_every(self.settings)
             blob = self.load_checkpoint(partition)
             if blob:
                 processor.restore(blob)

@@ -7,16 +7,16 @@ of one series are always routed to one lane (:func:`~streams.windows.series_lane
 every window meets in one :class:`~streams.merging.SnapshotMerger`. When a lane's slowest
 source partition has passed a window's end plus the grace period, the window is published
 once more marked ``final``, at once. Provisional values of the windows that changed are
-published together every ``stream_flush_seconds``: a window gets a partial from every
-source partition per flush of theirs, and publishing on each would send it many times a
-second while a backlog is caught up. Everything a lane publishes goes to one partition of
+published together, at most as often as stage one sends them (:func:`~streams.agents.events.publish_every`):
+a window gets a partial from every source partition per flush of theirs, and publishing on
+each would send it many times a second while a backlog is caught up. Everything a lane publishes goes to one partition of
 ``metrics`` (:func:`snapshot_partition`), in order, so a consumer that sees a lane's final
 snapshot up to some end has seen every earlier one of that lane.
 
 Processing guarantee (the scheme of the events stage, :mod:`streams.agents.events`): at
-most every ``CHECKPOINT_EVERY_SECONDS`` the changed windows are published, every output is
-made durable, then the lane's whole state and the offset of the last batch it reflects
-are written, as ONE message, to the lane's partition of :func:`merge_checkpoint_topic`;
+most every ``CHECKPOINT_EVERY_SECONDS`` every output is made durable, then the lane's
+whole state (windows changed and not yet published included) and the offset of the last
+batch it reflects are written, as ONE message, to the lane's partition of :func:`merge_checkpoint_topic`;
 only then is the offset after it committed. A restarted lane restores its checkpoint and
 skips batches it already applied; a batch applied twice would do no harm anyway (a partial
 replaces its source's previous partial of the window, a snapshot replaces the previous
@@ -44,6 +44,7 @@ from prometheus_client import Counter
 from schemas.codec import HEADER_LENGTH, SchemaError
 from schemas.streams import metric_partial_batch_codec, metric_partial_codec, metric_snapshot_codec
 from streams.agents.checkpoints import MAX_CHECKPOINT_BYTES, read_checkpoint
+from streams.agents.events import publish_every
 from streams.agents.threaded import ConsumerThread
 from streams.aggregators import MetricAggregator, decode_state
 from streams.merging import SnapshotMerger
@@ -62,11 +63,14 @@ LATE_PARTIALS = Counter("tidemark_stream_late_partials_total", "Partials for win
 PARTIALS_TOPIC = "metrics.partials"
 PARTIALS_PARTITIONS = 6
 CHECKPOINT_EVERY_SECONDS = 10.0
-# Once caught up (a consume found nothing), a lane is checkpointed sooner: the stage is idle anyway,
-# and what it reflects is committed while nothing new comes.
-CHECKPOINT_IDLE_SECONDS = 1.0
+# Once nothing has come for this long (batches come every flush while stage one runs), the lanes
+# are checkpointed without waiting for the interval: what they reflect is committed promptly.
+CHECKPOINT_IDLE_SECONDS = 2.0
 CHECKPOINT_FORMAT = 1
 EVICT_EVERY_SECONDS = 60.0  # how often session-metric windows long closed are forgotten
+
+
+PERIODS = {period.value: period for period in Period}  # by name, without an Enum call per partial
 
 
 def window_key_text(metric: str, dimension: str, value: str, period: str, start: int) -> str:
@@ -123,10 +127,14 @@ class MetricsAgent:
         publish_snapshot: Callable[[bytes, bytes, int], None],
         source_partitions: int | None = None,
         grace: timedelta = DEFAULT_GRACE,
+        publish_every: dict[Period, float] | None = None,
     ) -> None:
         self.aggregators = aggregators
         self.source_partitions = source_partitions
         self.grace = grace
+        # Seconds between provisional publications of a changed window, per period (none: every call).
+        self.publish_every = publish_every or {}
+        self._published_at: dict[Period, float] = {}
         self.mergers: dict[int, SnapshotMerger] = {}
         self.publish_snapshot = publish_snapshot
         self.applied: dict[int, int] = {}  # lane -> offset of the last batch applied
@@ -160,7 +168,7 @@ class MetricsAgent:
             metric = entry["metric"]
             if metric not in aggregators:  # removed from the catalogue since
                 continue
-            wkey = (metric, entry["dimension"], entry["dimensionValue"], Period(entry["period"]),
+            wkey = (metric, entry["dimension"], entry["dimensionValue"], PERIODS[entry["period"]],
                     entry["periodStart"])
             text = entry["state"]
             if put(wkey, entry["periodEnd"], source, decode_state(orjson.loads(text)), text):
@@ -186,20 +194,37 @@ class MetricsAgent:
                 changed.discard(final.window_key)  # the final value supersedes it
                 self._publish(final, computed_at, lane)
 
-    def publish_changed(self, lanes: set[int] | None = None) -> int:
-        """Publish the value of every window changed since it was last published (of ``lanes``, or all)."""
+    def publish_changed(self, now: float | None = None) -> int:
+        """Publish the value of every window changed since it was last published; return how many.
+
+        With ``now`` (monotonic seconds) and ``publish_every`` set, a window of a period is
+        published at most every ``publish_every[period]`` seconds (a day window that every
+        flush of every source changes need not go out every second; its final value goes
+        out at once anyway). Without ``now`` every changed window is published.
+        """
+        if now is None or not self.publish_every:
+            due = None
+        else:
+            due = {period for period, every in self.publish_every.items()
+                   if now - self._published_at.get(period, -1e18) >= every}
+            for period in due:
+                self._published_at[period] = now
         computed_at = int(time.time() * 1000)
         published = 0
         for lane, changed in self.changed.items():
-            if not changed or (lanes is not None and lane not in lanes):
+            if not changed:
                 continue
             merger = self.mergers[lane]
-            for wkey in changed:
+            out = changed if due is None else {w for w in changed if w[3] in due or w[3] not in self.publish_every}
+            for wkey in out:
                 value = merger.value(wkey)
                 if value is not None:
                     self._publish(value, computed_at, lane)
                     published += 1
-            changed.clear()
+            if out is changed:
+                changed.clear()
+            else:
+                changed -= out
         return published
 
     def _publish(self, value: MetricValue, computed_at: int, lane: int) -> None:
@@ -213,12 +238,14 @@ class MetricsAgent:
     def checkpoint(self, lane: int) -> bytes:
         """The lane's whole state and the offset it reflects, as one lz4-compressed JSON document.
 
-        Call after :meth:`publish_changed` (nothing then waits to be published).
+        Windows changed but not yet published are in it too, and are published after a restore.
         """
+        changed = [[m, d, v, p.value, t] for m, d, v, p, t in self.changed.get(lane, ())]
         document = {
             "format": CHECKPOINT_FORMAT,
             "lane": lane,
             "applied_offset": self.applied.get(lane, -1),
+            "changed": changed,
             **self.merger(lane).to_document(),
         }
         return lz4.frame.compress(orjson.dumps(document))
@@ -228,9 +255,11 @@ class MetricsAgent:
         document = orjson.loads(lz4.frame.decompress(blob))
         if document.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown metric-merging checkpoint format {document.get('format')!r}")
-        self.merger(lane).restore_document(document)
+        merger = self.merger(lane)
+        merger.restore_document(document)
         self.applied[lane] = int(document["applied_offset"])
-        self.changed[lane] = set()
+        changed = {(m, d, v, Period(p), int(t)) for m, d, v, p, t in document["changed"]}
+        self.changed[lane] = {wkey for wkey in changed if wkey in merger.parts}
 
     def evict(self) -> int:
         """Forget session-metric windows long closed (memory)."""
@@ -291,7 +320,7 @@ class MetricsConsumer(ConsumerThread):
 
         self.agent = MetricsAgent(
             aggregators, publish_snapshot, source_partitions=source_partitions,
-            grace=timedelta(seconds=settings.stream_grace_seconds),
+            grace=timedelta(seconds=settings.stream_grace_seconds), publish_every=publish_every(settings),
         )
         self._loaded: set[int] = set()  # lanes restored from their checkpoints
         self._dirty: set[int] = set()  # lanes with batches applied since their checkpoint
@@ -318,11 +347,10 @@ class MetricsConsumer(ConsumerThread):
         self._loaded.add(lane)
 
     def checkpoint(self, lanes: set[int]) -> None:
-        """Publish, make durable, write the lanes' checkpoints, then mark their offsets for commit."""
+        """Make what was published durable, write the lanes' checkpoints, then mark their offsets for commit."""
         lanes = lanes & self._dirty
         if not lanes:
             return
-        self.agent.publish_changed(lanes)
         self.outputs_durable()
         for lane in lanes:
             self.producer.produce(self._checkpoints, self.agent.checkpoint(lane), str(lane).encode(), partition=lane)
@@ -372,7 +400,7 @@ class MetricsConsumer(ConsumerThread):
         flush_every = settings.stream_flush_seconds
         try:
             consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
-            flushed_at = checkpointed_at = evicted_at = time.monotonic()
+            flushed_at = checkpointed_at = evicted_at = received_at = time.monotonic()
             on_batch = self.agent.on_batch
             while not self._stopping.is_set():
                 messages = consumer.consume(self.batch_size, timeout=min(0.2, flush_every))
@@ -399,14 +427,16 @@ class MetricsConsumer(ConsumerThread):
                         self._dirty.add(lane)
                 now = time.monotonic()
                 if now - flushed_at >= flush_every:
-                    self.agent.publish_changed()
+                    self.agent.publish_changed(now)
                     self.producer.poll(0)  # serve delivery reports
                     flushed_at = now
                 if now - evicted_at >= EVICT_EVERY_SECONDS:
                     self.agent.evict()
                     evicted_at = now
-                every = CHECKPOINT_IDLE_SECONDS if not messages else CHECKPOINT_EVERY_SECONDS
-                if self._dirty and now - checkpointed_at >= every:
+                if messages:
+                    received_at = now
+                idle = now - received_at >= CHECKPOINT_IDLE_SECONDS
+                if self._dirty and (idle or now - checkpointed_at >= CHECKPOINT_EVERY_SECONDS):
                     self.checkpoint(set(self._dirty))
                     self._commit(consumer)
                     checkpointed_at = now

@@ -139,3 +139,35 @@ def test_partials_of_the_earlier_one_per_message_format_are_read_as_batches() ->
     watermark = codec.encode({"metric": "", "period": "minute", "periodStart": 0, "periodEnd": 0, "dimension": "",
                               "dimensionValue": "", "partition": 1, "watermark": 99, "state": "null"})
     assert decode_partial_batch(watermark) == {"partition": 1, "watermark": 99, "announced": 99, "partials": []}
+
+
+def test_provisional_values_wait_for_their_period_and_survive_a_restore_unpublished() -> None:
+    aggregators = compile_catalogue(get_catalogue(), ["signups"])
+    sent: list[tuple[float, bool]] = []
+    codec = metric_snapshot_codec()
+
+    def publish(_key: bytes, value: bytes, _lane: int) -> None:
+        snapshot = MetricSnapshot.from_avro(codec.decode(value))
+        sent.append((snapshot.value, snapshot.final))
+
+    def agent() -> MetricsAgent:
+        return MetricsAgent(aggregators, publish, source_partitions=1, publish_every={Period.hour: 10.0})
+
+    def batch(count: int, announced: int = 0) -> dict[str, object]:
+        state = orjson.dumps(["c", count])
+        entry = {"metric": "signups", "period": "hour", "periodStart": 0, "periodEnd": 3_600_000,
+                 "dimension": "", "dimensionValue": "", "state": state}
+        return {"partition": 0, "watermark": 0, "announced": announced, "partials": [entry]}
+
+    first = agent()
+    first.on_batch(0, batch(1), offset=0)
+    assert first.publish_changed(now=100.0) == 1 and sent == [(1.0, False)]
+    first.on_batch(0, batch(2), offset=1)
+    assert first.publish_changed(now=105.0) == 0  # an hour window goes out at most every 10 s
+    blob = first.checkpoint(0)
+
+    second = agent()
+    second.restore(0, blob)
+    assert second.publish_changed() == 1 and sent[-1] == (2.0, False)
+    second.on_batch(0, batch(3, announced=3_600_000 + 300_000), offset=2)  # complete: final at once
+    assert sent[-1] == (3.0, True) and second.publish_changed(now=200.0) == 0
