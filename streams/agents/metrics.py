@@ -7,9 +7,10 @@ of one series are always routed to one lane (:func:`~streams.windows.series_lane
 every window meets in one :class:`~streams.merging.SnapshotMerger`. When a lane's slowest
 source partition has passed a window's end plus the grace period, the window is published
 once more marked ``final``, at once. Provisional values of the windows that changed are
-published together, at most as often as stage one sends them (:func:`~streams.agents.events.publish_every`):
-a window gets a partial from every source partition per flush of theirs, and publishing on
-each would send it many times a second while a backlog is caught up. Everything a lane publishes goes to one partition of
+published together, at most as often as stage one sends them
+(:func:`~streams.agents.events.publish_every`): a window gets a partial from every source
+partition per flush of theirs, and publishing on each would send it many times a second
+while a backlog is caught up. Everything a lane publishes goes to one partition of
 ``metrics`` (:func:`snapshot_partition`), in order, so a consumer that sees a lane's final
 snapshot up to some end has seen every earlier one of that lane.
 
