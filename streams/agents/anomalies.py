@@ -51,7 +51,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import Counter
 
 from schemas.anomaly import Anomaly
@@ -416,7 +416,6 @@ class AnomalyConsumer(ConsumerThread):
 
         group = f"{settings.topic_prefix}{settings.stream_app_id}-anomalies"
         super().__init__(settings, METRICS.name, group, batch_size)
-        self._to_commit: dict[int, int] = {}
         self.agent = build_anomaly_agent(
             settings, catalogue, publisher, outputs_durable, self._acknowledged, lanes=lanes
         )
@@ -426,24 +425,13 @@ class AnomalyConsumer(ConsumerThread):
         if offset + 1 > self._to_commit.get(partition, -1):
             self._to_commit[partition] = offset + 1
 
-    def _commit(self, consumer: Consumer) -> None:
-        offsets = [TopicPartition(self.topic, partition, offset) for partition, offset in self._to_commit.items()]
-        if offsets:
-            consumer.commit(offsets=offsets, asynchronous=False)
-            self._to_commit.clear()
-
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not self._closing:
             self.agent.flush(force_checkpoint=True)
             self._commit(consumer)
 
     def _run(self) -> None:
-        consumer = Consumer({
-            "bootstrap.servers": self.settings.kafka_bootstrap,
-            "group.id": self.group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        })
+        consumer = self._consumer()
         # Judging touches every series and the checkpoint serialises the whole bank: at most once a second.
         flush_every = max(self.settings.stream_flush_seconds, 1.0)
         try:
@@ -451,13 +439,7 @@ class AnomalyConsumer(ConsumerThread):
             flushed_at = time.monotonic()
             on_message = self.agent.on_message
             while not self._stopping.is_set():
-                for message in consumer.consume(self.batch_size, timeout=0.2):
-                    error = message.error()
-                    if error is not None:
-                        if error.fatal():
-                            raise KafkaException(error)
-                        log.warning("Consumer error on %s: %s", self.topic, error)
-                        continue
+                for message in self._consume(consumer, 0.2):
                     on_message(message.value(), (message.partition(), message.offset()))
                 now = time.monotonic()
                 if now - flushed_at >= flush_every:

@@ -75,7 +75,7 @@ def _newest(consumer: Consumer, topic: str, partition: int, key: bytes, start: i
             raise RuntimeError(f"could not read the checkpoint in {topic}[{partition}] within {timeout} s")
         if message.error():
             continue
-        position = message.offset() + 1
+        position = (message.offset() or position) + 1
         if message.key() == key and message.value():
             latest = message.value()
     return latest

@@ -38,12 +38,12 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import Counter
 
 from schemas.streams import metric_partial_batch_codec, session_codec
-from streams.agents.checkpoints import MAX_CHECKPOINT_BYTES, read_checkpoint
-from streams.agents.threaded import ConsumerThread
+from streams.agents.checkpoints import read_checkpoint
+from streams.agents.threaded import ConsumerThread, DurableProducer
 from streams.aggregators import MetricAggregator, encode_state
 from streams.events import StreamEvent
 from streams.periods import Period, PeriodCalendar
@@ -353,21 +353,13 @@ class EventsConsumer(ConsumerThread):
         # The group the stream worker has always consumed events.raw in (committed offsets carry over).
         super().__init__(settings, EVENTS_RAW.name, f"{settings.topic_prefix}{settings.stream_app_id}", batch_size)
         self._checkpoints = checkpoint_topic(settings)
-        self._delivery_failures: list[str] = []
-        self.producer = Producer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "enable.idempotence": True,
-            "linger.ms": 20,
-            "queue.buffering.max.messages": 1_000_000,
-            "message.max.bytes": MAX_CHECKPOINT_BYTES,
-            "on_delivery": self._delivered,
-        })
-        self._to_commit: dict[int, int] = {}
+        self.producer = DurableProducer(settings)
+        self.outputs_durable = self.producer.durable
         self.agent = EventsAgent(
             settings,
             aggregators,
-            publish_session=self._publisher(settings.topic(SESSIONS.name)),
-            publish_partials=self._publisher(partials_topic),
+            publish_session=self.producer.publisher(settings.topic(SESSIONS.name)),
+            publish_partials=self.producer.publisher(partials_topic),
             save_checkpoint=self._save_checkpoint,
             load_checkpoint=lambda partition: read_partition_checkpoint(settings, partition),
             commit=self._checkpointed,
@@ -375,49 +367,12 @@ class EventsConsumer(ConsumerThread):
             partial_lanes=partial_lanes,
         )
 
-    def outputs_durable(self) -> None:
-        """Wait until everything produced so far is delivered; raise if anything was not."""
-        if self.producer.flush(60) != 0:
-            raise RuntimeError("outputs were not delivered within 60 s; not checkpointing")
-        if self._delivery_failures:
-            raise RuntimeError(f"outputs were not delivered ({self._delivery_failures[0]}); not checkpointing")
-
-    def _delivered(self, error: KafkaError | None, message: Any) -> None:
-        if error is not None:
-            self._delivery_failures.append(f"{message.topic()}: {error}")
-
-    def _publisher(self, topic: str) -> Callable[..., None]:
-        produce, poll = self.producer.produce, self.producer.poll
-
-        def publish(key: bytes, value: bytes, partition: int = -1) -> None:
-            while True:
-                try:
-                    produce(topic, value, key, partition)  # -1: the default partitioner
-                    return
-                except BufferError:  # local queue full: let deliveries drain
-                    poll(0.05)
-
-        return publish
-
     def _save_checkpoint(self, partition: int, blob: bytes) -> None:
-        self.producer.produce(self._checkpoints, blob, checkpoint_key(partition), partition=partition)
+        self.producer.publisher(self._checkpoints)(checkpoint_key(partition), blob, partition)
         self.outputs_durable()
 
     def _checkpointed(self, partition: int, offset: int) -> None:
         self._to_commit[partition] = offset + 1
-
-    def _commit(self, consumer: Consumer, partitions: set[int] | None = None) -> None:
-        offsets = [
-            TopicPartition(self.topic, partition, offset)
-            for partition, offset in self._to_commit.items()
-            if partitions is None or partition in partitions
-        ]
-        if not offsets:
-            return
-        consumer.commit(offsets=offsets, asynchronous=False)
-        for tp in offsets:
-            if self._to_commit.get(tp.partition) == tp.offset:
-                del self._to_commit[tp.partition]
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions if tp.topic == self.topic}
@@ -439,13 +394,7 @@ class EventsConsumer(ConsumerThread):
 
     def _run(self) -> None:
         settings = self.settings
-        consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": self.group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky",
-        })
+        consumer = self._consumer()
         flush_every = settings.stream_flush_seconds
         commit_every = settings.stream_commit_seconds
         try:
@@ -453,13 +402,7 @@ class EventsConsumer(ConsumerThread):
             flushed_at = committed_at = time.monotonic()
             on_message = self.agent.on_message
             while not self._stopping.is_set():
-                for message in consumer.consume(self.batch_size, timeout=min(0.2, flush_every)):
-                    error = message.error()
-                    if error is not None:
-                        if error.fatal():
-                            raise KafkaException(error)
-                        log.warning("Consumer error on %s: %s", self.topic, error)
-                        continue
+                for message in self._consume(consumer, min(0.2, flush_every)):
                     on_message(message.partition(), message.offset(), message.value())
                 now = time.monotonic()
                 if now - flushed_at >= flush_every:

@@ -39,14 +39,14 @@ from typing import Any
 
 import lz4.frame
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import Counter
 
 from schemas.codec import HEADER_LENGTH, SchemaError
 from schemas.streams import metric_partial_batch_codec, metric_partial_codec, metric_snapshot_codec
-from streams.agents.checkpoints import MAX_CHECKPOINT_BYTES, read_checkpoint
+from streams.agents.checkpoints import read_checkpoint
 from streams.agents.events import publish_every
-from streams.agents.threaded import ConsumerThread
+from streams.agents.threaded import ConsumerThread, DurableProducer
 from streams.aggregators import MetricAggregator, decode_state
 from streams.merging import SnapshotMerger
 from streams.periods import Period
@@ -300,24 +300,12 @@ class MetricsConsumer(ConsumerThread):
 
         super().__init__(settings, PARTIALS_TOPIC, merge_group(settings), batch_size)
         self._checkpoints = merge_checkpoint_topic(settings)
-        self._delivery_failures: list[str] = []
-        self.producer = Producer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "enable.idempotence": True,
-            "linger.ms": 20,
-            "queue.buffering.max.messages": 1_000_000,
-            "message.max.bytes": MAX_CHECKPOINT_BYTES,
-            "on_delivery": self._delivered,
-        })
-        snapshots, produce, poll = settings.topic(METRICS.name), self.producer.produce, self.producer.poll
+        self.producer = DurableProducer(settings)
+        self.outputs_durable = self.producer.durable
+        publish = self.producer.publisher(settings.topic(METRICS.name))
 
         def publish_snapshot(key: bytes, value: bytes, lane: int) -> None:
-            while True:
-                try:
-                    produce(snapshots, value, key, snapshot_partition(lane, metrics_partitions))
-                    return
-                except BufferError:  # local queue full: let deliveries drain
-                    poll(0.05)
+            publish(key, value, snapshot_partition(lane, metrics_partitions))
 
         self.agent = MetricsAgent(
             aggregators, publish_snapshot, source_partitions=source_partitions,
@@ -325,18 +313,6 @@ class MetricsConsumer(ConsumerThread):
         )
         self._loaded: set[int] = set()  # lanes restored from their checkpoints
         self._dirty: set[int] = set()  # lanes with batches applied since their checkpoint
-        self._to_commit: dict[int, int] = {}
-
-    def _delivered(self, error: KafkaError | None, message: Any) -> None:
-        if error is not None:
-            self._delivery_failures.append(f"{message.topic()}: {error}")
-
-    def outputs_durable(self) -> None:
-        """Wait until everything produced so far is delivered; raise if anything was not."""
-        if self.producer.flush(60) != 0:
-            raise RuntimeError("snapshots were not delivered within 60 s; not checkpointing")
-        if self._delivery_failures:
-            raise RuntimeError(f"snapshots were not delivered ({self._delivery_failures[0]}); not checkpointing")
 
     def _load(self, lane: int) -> None:
         blob = read_checkpoint(self.settings, self._checkpoints, lane, str(lane).encode())
@@ -353,22 +329,13 @@ class MetricsConsumer(ConsumerThread):
         if not lanes:
             return
         self.outputs_durable()
+        save = self.producer.publisher(self._checkpoints)
         for lane in lanes:
-            self.producer.produce(self._checkpoints, self.agent.checkpoint(lane), str(lane).encode(), partition=lane)
+            save(str(lane).encode(), self.agent.checkpoint(lane), lane)
         self.outputs_durable()
         for lane in lanes:
             self._to_commit[lane] = self.agent.applied[lane] + 1
         self._dirty -= lanes
-
-    def _commit(self, consumer: Consumer, lanes: set[int] | None = None) -> None:
-        offsets = [TopicPartition(self.topic, lane, offset) for lane, offset in self._to_commit.items()
-                   if lanes is None or lane in lanes]
-        if not offsets:
-            return
-        consumer.commit(offsets=offsets, asynchronous=False)
-        for tp in offsets:
-            if self._to_commit.get(tp.partition) == tp.offset:
-                del self._to_commit[tp.partition]
 
     def _forget(self, lanes: set[int]) -> None:
         self.agent.forget(lanes)
@@ -391,27 +358,15 @@ class MetricsConsumer(ConsumerThread):
 
     def _run(self) -> None:
         settings = self.settings
-        consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": self.group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky",
-        })
+        consumer = self._consumer()
         flush_every = settings.stream_flush_seconds
         try:
             consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
             flushed_at = checkpointed_at = evicted_at = received_at = time.monotonic()
             on_batch = self.agent.on_batch
             while not self._stopping.is_set():
-                messages = consumer.consume(self.batch_size, timeout=min(0.2, flush_every))
+                messages = self._consume(consumer, min(0.2, flush_every))
                 for message in messages:
-                    error = message.error()
-                    if error is not None:
-                        if error.fatal():
-                            raise KafkaException(error)
-                        log.warning("Consumer error on %s: %s", self.topic, error)
-                        continue
                     lane, offset = message.partition(), message.offset()
                     if lane is None or offset is None:  # only error events lack them
                         continue
