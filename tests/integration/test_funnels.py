@@ -58,6 +58,24 @@ def test_window_edge_is_inclusive(ch_db):
     assert got.time_to_convert.median == pytest.approx(60.0)
 
 
+def test_time_range_is_half_open_to_the_millisecond(ch_db):
+    # Bounds inside days (the day is also bounded, to prune the sort key): [start, end) still
+    # decides alone, on both days.
+    start, end = at("2026-03-10 12:00:00"), at("2026-03-12 06:30:00")
+    ms = timedelta(milliseconds=1)
+    events = [
+        Event("a", start, user_id="inside"), Event("b", end - ms, user_id="inside"),
+        Event("a", start - ms, user_id="early"), Event("b", start + ms, user_id="early"),
+        Event("a", end - 2 * ms, user_id="late"), Event("b", end, user_id="late"),
+    ]
+    insert_events(ch_db, events)
+    definition = FunnelDefinition(name="range", steps=steps("a", "b"), window_seconds=3 * 86400)
+    got = compute_funnel(ch_db, definition, TimeRange(start=start, end=end))
+    want = funnel_reference(events, definition, start, end)
+    assert want["levels"] == {"inside": 2, "late": 1}
+    assert [s.count for s in got.steps] == want["counts"] == [2, 1]
+
+
 def test_same_millisecond_counts_as_in_order(ch_db):
     t0 = at("2026-03-02 10:00:00.123")
     events = [
