@@ -213,31 +213,37 @@ def _per_person_sql(
         matched = f"if(empty({matched}), [0], {matched})"
     entries = f"arraySort(groupArrayArray(arrayMap(i -> (t, toUInt8(i)), {matched}))) AS entries"
     conds = ", ".join(f"s{i} = 1" for i in range(1, n + 1))
+    breakdown_value = "argMinIf(bv, (t, bv), s1 = 1)" if definition.breakdown is not None else "''"
+    aggregates = [f"{window} AS w", f"{breakdown_value} AS breakdown_value"]
+    aggregates += [f"groupArrayIf(t, x{j} = 1) AS xs{j}" for j in range(1, len(excl_conds) + 1)]
 
+    layers: list[list[str]]
     if definition.order == "unordered":
+        aggregates.append(entries)
         in_window = "e.1 >= a AND e.1 <= a + w"
         candidates = (
             f"arrayMap(a -> arraySort(arrayMap(j -> arrayMin(arrayMap(e -> e.1, arrayFilter(e -> e.2 = j AND "
             f"{in_window}, entries))), arrayDistinct(arrayMap(e -> e.2, arrayFilter(e -> {in_window}, entries))))), "
             "arrayMap(e -> e.1, entries))"
         )
-        chain = "arrayFirst(c -> length(c) = arrayMax(arrayMap(c -> length(c), cand)), cand)"
-        level_cols = (
-            f"{entries}, {candidates} AS cand, {chain} AS chain, toUInt8(length(chain)) AS level, toUInt8(0) AS guard"
-        )
+        layers = [
+            [f"{candidates} AS cand"],
+            ["arrayFirst(c -> length(c) = arrayMax(arrayMap(c -> length(c), cand)), cand) AS chain"],
+            ["toUInt8(length(chain)) AS level", "toUInt8(0) AS guard"],
+        ]
     elif definition.order == "strict":
-        level_cols = (
-            f"{entries}, windowFunnel({definition.window_ms}, 'strict_order')(t, {conds}) AS wf_level, "
-            f"{_attempt_fold(n)} AS fold, "
-            "arrayFilter(c -> notEmpty(c), fold.3) AS reached, "
-            "if(empty(reached), CAST([] AS Array(UInt64)), reached[-1]) AS chain, "
-            "toUInt8(length(chain)) AS level, "
-            "throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"
-        )
+        aggregates += [entries, f"windowFunnel({definition.window_ms}, 'strict_order')(t, {conds}) AS wf_level"]
+        layers = [
+            [f"{_attempt_fold(n)} AS fold"],
+            ["arrayFilter(c -> notEmpty(c), fold.3) AS reached"],
+            ["if(empty(reached), CAST([] AS Array(UInt64)), reached[-1]) AS chain"],
+            ["toUInt8(length(chain)) AS level"],
+            ["throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"],
+        ]
     else:
-        greedy = _greedy_attempts(n, definition.window_ms)
-        level_cols = f"{greedy}, toUInt8(length(chain)) AS level, toUInt8(0) AS guard"
-    excl_arrays = "".join(f", groupArrayIf(t, x{j} = 1) AS xs{j}" for j in range(1, len(excl_conds) + 1))
+        aggregates += [f"arraySort(groupArrayIf(t, s{k} = 1)) AS T{k}" for k in range(1, n + 1)]
+        layers = _greedy_attempts(n)
+        layers.append(["toUInt8(length(chain)) AS level", "toUInt8(0) AS guard"])
     excluded_terms = []
     for j, x in enumerate(definition.exclusions, 1):
         a, b = x.from_step, x.to_step
@@ -245,16 +251,30 @@ def _per_person_sql(
             f"(level >= {a} AND arrayExists(v -> v > chain[{a}] AND "
             f"if(level >= {b}, v < chain[{b}], v <= chain[1] + w), xs{j}))"
         )
-    excluded = " OR ".join(excluded_terms) or "0"
-    breakdown_value = "argMinIf(bv, (t, bv), s1 = 1)" if definition.breakdown is not None else "''"
+    layers.append([f"toUInt8({' OR '.join(excluded_terms) or '0'}) AS excluded"])
+    grouped = f"SELECT person_id, {', '.join(aggregates)} FROM ({rows}) GROUP BY person_id"
     return (
-        f"SELECT person_id, {window} AS w, {level_cols}, "
-        f"{breakdown_value} AS breakdown_value{excl_arrays}, toUInt8({excluded}) AS excluded "
-        f"FROM ({rows}) GROUP BY person_id"
+        "SELECT person_id, level, chain, guard, breakdown_value, excluded "
+        f"FROM ({_stacked(grouped, layers)})"
     )
 
 
-def _greedy_attempts(n: int, window_ms: int) -> str:
+def _stacked(base: str, layers: list[list[str]]) -> str:
+    """``base`` with each layer's columns added on top of the columns before, one subquery a layer.
+
+    Why subqueries: within one SELECT, ClickHouse's analyzer replaces every use of an alias
+    by a copy of its expression. Attempt columns use the previous step's columns several
+    times over, so a single SELECT grew exponentially with the steps, and planning a
+    5-step funnel took about 0.4 s before it read a row. A subquery's columns are plain
+    columns to the query above it.
+    """
+    sql = base
+    for columns in layers:
+        sql = f"SELECT *, {', '.join(columns)} FROM ({sql})"
+    return sql
+
+
+def _greedy_attempts(n: int) -> list[list[str]]:
     """Ordered funnels: for every step-1 event, the earliest chain of later steps within its window.
 
     ``c{k}[i]`` is the time of step ``k`` in the attempt starting at the ``i``-th step-1 event
@@ -262,26 +282,27 @@ def _greedy_attempts(n: int, window_ms: int) -> str:
     within ``start + window``. Taking the earliest next step is optimal for a fixed start, so
     the best attempt's length equals ``windowFunnel``'s level (the tests check it); the
     attempt reported is the earliest start reaching that level. Column-wise array functions,
-    one per step, keep this fast (no per-event fold).
+    one per step, keep this fast (no per-event fold). One layer per step (see ``_stacked``).
     """
-    cols = [f"arraySort(groupArrayIf(t, s{k} = 1)) AS T{k}" for k in range(1, n + 1)]
     # Most people stop at step 1: only their first start matters, so skip the per-start work.
     # (Without a step-2 event at or after the first step-1 event, no start gets past step 1.)
-    cols.append("if(notEmpty(T2) AND T2[-1] >= T1[1], T1, arraySlice(T1, 1, 1)) AS c1")  # funnels have >= 2 steps
+    layers = [["if(notEmpty(T2) AND T2[-1] >= T1[1], T1, arraySlice(T1, 1, 1)) AS c1"]]  # funnels have >= 2 steps
     for k in range(2, n + 1):
-        cols.append(
-            f"arrayMap((s, p) -> if(p = 0, toUInt64(0), "
-            f"arrayFirst(x -> x >= p AND x <= s + {int(window_ms)}, T{k})), c1, c{k - 1}) AS c{k}"
+        layers.append(
+            [
+                f"arrayMap((s, p) -> if(p = 0, toUInt64(0), "
+                f"arrayFirst(x -> x >= p AND x <= s + w, T{k})), c1, c{k - 1}) AS c{k}"
+            ]
         )
     args = ", ".join(f"c{k}" for k in range(2, n + 1))
     lambda_args = ", ".join(f"v{k}" for k in range(2, n + 1))
     reached = " + ".join(f"toUInt8(v{k} != 0)" for k in range(2, n + 1))
-    cols.append(f"arrayMap(({lambda_args}) -> toUInt8(1 + {reached}), {args}) AS levels")
-    cols.append("if(empty(levels), toUInt8(0), arrayMax(levels)) AS best")
-    cols.append("indexOf(levels, best) AS best_start")
+    layers.append([f"arrayMap(({lambda_args}) -> toUInt8(1 + {reached}), {args}) AS levels"])
+    layers.append(["if(empty(levels), toUInt8(0), arrayMax(levels)) AS best"])
+    layers.append(["indexOf(levels, best) AS best_start"])
     steps = ", ".join(f"c{k}[best_start]" for k in range(1, n + 1))
-    cols.append(f"if(best = 0, CAST([] AS Array(UInt64)), arraySlice([{steps}], 1, best)) AS chain")
-    return ", ".join(cols)
+    layers.append([f"if(best = 0, CAST([] AS Array(UInt64)), arraySlice([{steps}], 1, best)) AS chain"])
+    return layers
 
 
 def _attempt_fold(n: int) -> str:
