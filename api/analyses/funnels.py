@@ -33,8 +33,15 @@ Times to convert come from one attempt per person that reaches their level (for 
 funnels a ``throwIf`` guards that its length equals ``windowFunnel``'s level; for ordered ones
 the tests compare the two, and the attempt alone is computed, which halves the cost):
 
-- ordered: the earliest step-1 event from which the level is reached, each next step being
-  the first matching event at or after the previous step (array functions per step);
+- ordered: an attempt starts at a step-1 event and takes, for each next step, the first
+  matching event at or after the previous step. The attempt reported is the **first to
+  reach the person's level** (its last step is the earliest), and of attempts reaching it
+  on that same event, the one with the latest start -- PostHog's rule. So a step-1 event
+  repeated before the next step restarts the clock: for steps ``A, B`` and events
+  ``A 09:00, A 09:10, B 09:30`` the time to convert is 20 minutes, not 30; with
+  ``A 09:00, B 09:05, A 09:10, B 09:12`` it is 5 minutes (the first conversion). Step-to-step
+  times come from the same attempt. A person who reached step 1 only is measured from their
+  first step-1 event (exclusions use it);
 - strict: the latest attempt that reached the level, replayed with ``arrayFold`` by the same
   rules as ``strict_order``;
 - unordered: the earliest window start with the most distinct steps.
@@ -59,12 +66,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.analyses.query import PropertyFilter, SQLBuilder, TimeRange, run
+from api.analyses.query import ANY_EVENT, PropertyFilter, SQLBuilder, TimeRange, run
 
 FunnelOrder = Literal["ordered", "strict", "unordered"]
 
 #: windowFunnel handles at most 32 conditions.
 MAX_STEPS = 32
+#: A person's step events are ``time_ms * STEP_SLOTS + step`` in one UInt64 array, so that one
+#: numeric sort orders them by time and, within a millisecond, by step (step 0 is any other
+#: event, for strict funnels); every step number fits below it.
+STEP_SLOTS = 64
 
 
 class FunnelStep(BaseModel):
@@ -187,7 +198,7 @@ def _per_person_sql(
     filters: tuple[PropertyFilter, ...],
     cohort_id: str | None,
 ) -> str:
-    """One row per person: level, the attempt's step times, breakdown value, excluded flag."""
+    """One row per person: level, step times ``t1 .. tn`` (0 past the level), breakdown value, excluded."""
     n = len(definition.steps)
     window = q.param(definition.window_ms, "UInt64")
     step_conds = [q.event_condition(s.event_name, s.filters + filters) for s in definition.steps]
@@ -199,6 +210,11 @@ def _per_person_sql(
     )
     row_cols = ", ".join(f"toUInt8({c}) AS s{i}" for i, c in enumerate(step_conds, 1))
     excl_cols = "".join(f", toUInt8({c}) AS x{j}" for j, c in enumerate(excl_conds, 1))
+    names = {s.event_name for s in definition.steps}
+    one_step_a_row = len(names) == n and ANY_EVENT not in names
+    if one_step_a_row:
+        # Each step names another event, so an event matches one step at most: one entry a row.
+        row_cols += ", multiIf(" + ", ".join(f"s{k} = 1, {k}" for k in range(1, n + 1)) + ", 0) AS step"
     where = [q.time_range(time_range), q.in_cohort(cohort_id)]
     if definition.order != "strict":
         # Strict funnels must see every event (any other event ends the attempt).
@@ -207,19 +223,25 @@ def _per_person_sql(
         f"SELECT person_id, toUInt64(toUnixTimestamp64Milli(timestamp)) AS t, {row_cols}{excl_cols}, {bv} AS bv "
         f"FROM events_resolved WHERE {' AND '.join(where)}"
     )
-    flags = "[" + ", ".join(f"s{i}" for i in range(1, n + 1)) + "]"
-    matched = f"arrayFilter(i -> {flags}[i] = 1, range(1, {n + 1}))"
-    if definition.order == "strict":
-        matched = f"if(empty({matched}), [0], {matched})"
-    entries = f"arraySort(groupArrayArray(arrayMap(i -> (t, toUInt8(i)), {matched}))) AS entries"
+    # Step 0 is any other event: strict funnels keep it (it ends the attempt), others drop it.
+    if one_step_a_row:
+        packed = f"t * {STEP_SLOTS} + step"
+        entries = f"groupArray({packed})" if definition.order == "strict" else f"groupArrayIf({packed}, step != 0)"
+    else:
+        flags = "[" + ", ".join(f"s{k}" for k in range(1, n + 1)) + "]"
+        matched = f"arrayFilter(k -> {flags}[k] = 1, range(1, {n + 1}))"
+        if definition.order == "strict":
+            matched = f"if(empty({matched}), [0], {matched})"
+        entries = f"groupArrayArray(arrayMap(k -> t * {STEP_SLOTS} + k, {matched}))"
     conds = ", ".join(f"s{i} = 1" for i in range(1, n + 1))
     breakdown_value = "argMinIf(bv, (t, bv), s1 = 1)" if definition.breakdown is not None else "''"
-    aggregates = [f"{window} AS w", f"{breakdown_value} AS breakdown_value"]
+    aggregates = [f"{window} AS w", f"arraySort({entries}) AS packed", f"{breakdown_value} AS breakdown_value"]
     aggregates += [f"groupArrayIf(t, x{j} = 1) AS xs{j}" for j in range(1, len(excl_conds) + 1)]
+    # Replays and windows of strict and unordered funnels read (time, step) pairs.
+    as_pairs = f"arrayMap(x -> (intDiv(x, {STEP_SLOTS}), toUInt8(x % {STEP_SLOTS})), packed) AS entries"
 
     layers: list[list[str]]
     if definition.order == "unordered":
-        aggregates.append(entries)
         in_window = "e.1 >= a AND e.1 <= a + w"
         candidates = (
             f"arrayMap(a -> arraySort(arrayMap(j -> arrayMin(arrayMap(e -> e.1, arrayFilter(e -> e.2 = j AND "
@@ -227,34 +249,34 @@ def _per_person_sql(
             "arrayMap(e -> e.1, entries))"
         )
         layers = [
+            [as_pairs],
             [f"{candidates} AS cand"],
             ["arrayFirst(c -> length(c) = arrayMax(arrayMap(c -> length(c), cand)), cand) AS chain"],
-            ["toUInt8(length(chain)) AS level", "toUInt8(0) AS guard"],
+            ["toUInt8(length(chain)) AS level", "toUInt8(0) AS guard", *_step_times(n)],
         ]
     elif definition.order == "strict":
-        aggregates += [entries, f"windowFunnel({definition.window_ms}, 'strict_order')(t, {conds}) AS wf_level"]
+        aggregates.append(f"windowFunnel({definition.window_ms}, 'strict_order')(t, {conds}) AS wf_level")
         layers = [
+            [as_pairs],
             [f"{_attempt_fold(n)} AS fold"],
             ["arrayFilter(c -> notEmpty(c), fold.3) AS reached"],
             ["if(empty(reached), CAST([] AS Array(UInt64)), reached[-1]) AS chain"],
-            ["toUInt8(length(chain)) AS level"],
+            ["toUInt8(length(chain)) AS level", *_step_times(n)],
             ["throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"],
         ]
     else:
-        aggregates += [f"arraySort(groupArrayIf(t, s{k} = 1)) AS T{k}" for k in range(1, n + 1)]
-        layers = _greedy_attempts(n)
-        layers.append(["toUInt8(length(chain)) AS level", "toUInt8(0) AS guard"])
+        layers = _ordered_attempts(n)
+        layers.append(["toUInt8(0) AS guard"])
     excluded_terms = []
     for j, x in enumerate(definition.exclusions, 1):
         a, b = x.from_step, x.to_step
         excluded_terms.append(
-            f"(level >= {a} AND arrayExists(v -> v > chain[{a}] AND "
-            f"if(level >= {b}, v < chain[{b}], v <= chain[1] + w), xs{j}))"
+            f"(level >= {a} AND arrayExists(v -> v > t{a} AND if(level >= {b}, v < t{b}, v <= t1 + w), xs{j}))"
         )
     layers.append([f"toUInt8({' OR '.join(excluded_terms) or '0'}) AS excluded"])
     grouped = f"SELECT person_id, {', '.join(aggregates)} FROM ({rows}) GROUP BY person_id"
     return (
-        "SELECT person_id, level, chain, guard, breakdown_value, excluded "
+        f"SELECT person_id, level, {', '.join(f't{k}' for k in range(1, n + 1))}, guard, breakdown_value, excluded "
         f"FROM ({_stacked(grouped, layers)})"
     )
 
@@ -274,35 +296,69 @@ def _stacked(base: str, layers: list[list[str]]) -> str:
     return sql
 
 
-def _greedy_attempts(n: int) -> list[list[str]]:
-    """Ordered funnels: for every step-1 event, the earliest chain of later steps within its window.
+def _ordered_attempts(n: int) -> list[list[str]]:
+    """Ordered funnels: a person's level and the step times of the attempt reported, from ``packed``.
 
-    ``c{k}[i]`` is the time of step ``k`` in the attempt starting at the ``i``-th step-1 event
-    (0 when it never got there): the first step-``k`` event at or after step ``k - 1`` and
-    within ``start + window``. Taking the earliest next step is optimal for a fixed start, so
-    the best attempt's length equals ``windowFunnel``'s level (the tests check it); the
-    attempt reported is the earliest start reaching that level. Column-wise array functions,
-    one per step, keep this fast (no per-event fold). One layer per step (see ``_stacked``).
+    ``packed`` holds the person's step events sorted by (time, step). An attempt starts at a
+    step-1 event and takes, for each next step, the first event of that step at or after the
+    previous step and at most ``start + window`` (taking the earliest is optimal for a fixed
+    start, so the best attempt reaches ``windowFunnel``'s level; the tests compare them).
+
+    Only starts directly followed, among the step-1 and step-2 events, by a step-2 event are
+    tried (a handful per person, where every step-1 event used to be). A start followed by
+    another step-1 event first is dominated by that later one: both take the same step-2
+    event and so the same later steps, and the later one has more of its window left and
+    a shorter time to convert. Among the attempts reaching the person's level, the one
+    reported is the first to get there (its last step is the earliest) and, of those ending
+    on that same event, the one with the latest start: the attempt a replay of the events
+    in order keeps (the module docstring; the plain-Python reference replays it). A person
+    whose level is 1 reports their first step-1 event.
+
+    ``c{k}[i]`` is the time of step ``k`` of the ``i``-th start (0 once it fell short); each
+    step is looked up in ``packed`` itself (a bound on packed values selects the step and
+    the time span), which costs less than splitting it into one time array a step first.
     """
-    # Most people stop at step 1: only their first start matters, so skip the per-start work.
-    # (Without a step-2 event at or after the first step-1 event, no start gets past step 1.)
-    layers = [["if(notEmpty(T2) AND T2[-1] >= T1[1], T1, arraySlice(T1, 1, 1)) AS c1"]]  # funnels have >= 2 steps
-    for k in range(2, n + 1):
-        layers.append(
-            [
-                f"arrayMap((s, p) -> if(p = 0, toUInt64(0), "
-                f"arrayFirst(x -> x >= p AND x <= s + w, T{k})), c1, c{k - 1}) AS c{k}"
-            ]
-        )
+    m = STEP_SLOTS
+    start_then_2 = f"x % {m} = 1 AND y % {m} = 2"
+    layers = [
+        [
+            f"arrayFilter(x -> x % {m} <= 2, packed) AS steps12",  # packed holds steps 1..n only
+            f"intDiv(arrayFirst(x -> x % {m} = 1, packed), {m}) AS first1",
+        ],
+        ["arrayShiftLeft(steps12, 1) AS after12"],
+        [
+            f"arrayMap(x -> intDiv(x, {m}), arrayFilter((x, y) -> {start_then_2}, steps12, after12)) AS c1",
+            f"arrayMap(y -> intDiv(y, {m}), arrayFilter((y, x) -> {start_then_2}, after12, steps12)) AS next2",
+        ],
+        ["arrayMap((s, y) -> if(y <= s + w, y, 0), c1, next2) AS c2"],
+    ]
+    for k in range(3, n + 1):
+        # Step k at or after p, at most s + w: packed values in [p * m, (s + w) * m + m - 1] of step k.
+        found = f"arrayFirst(x -> x % {m} = {k} AND x >= p * {m} AND x <= (s + w) * {m} + {m - 1}, packed)"
+        layers.append([f"arrayMap((s, p) -> if(p = 0, toUInt64(0), intDiv({found}, {m})), c1, c{k - 1}) AS c{k}"])
     args = ", ".join(f"c{k}" for k in range(2, n + 1))
     lambda_args = ", ".join(f"v{k}" for k in range(2, n + 1))
     reached = " + ".join(f"toUInt8(v{k} != 0)" for k in range(2, n + 1))
-    layers.append([f"arrayMap(({lambda_args}) -> toUInt8(1 + {reached}), {args}) AS levels"])
-    layers.append(["if(empty(levels), toUInt8(0), arrayMax(levels)) AS best"])
-    layers.append(["indexOf(levels, best) AS best_start"])
-    steps = ", ".join(f"c{k}[best_start]" for k in range(1, n + 1))
-    layers.append([f"if(best = 0, CAST([] AS Array(UInt64)), arraySlice([{steps}], 1, best)) AS chain"])
+    # Step times only grow along an attempt, so its last reached step is the latest of them.
+    last = f"greatest({lambda_args})" if n > 2 else "v2"
+    layers += [
+        [
+            f"arrayMap(({lambda_args}) -> toUInt8(1 + {reached}), {args}) AS levels",
+            f"arrayMap(({lambda_args}) -> {last}, {args}) AS ends",
+        ],
+        ["if(empty(levels), toUInt8(first1 != 0), arrayMax(levels)) AS level"],
+        # Among starts reaching the level, ends never decrease: the first one ends earliest.
+        ["arrayFirst((e, l) -> l = level, ends, levels) AS first_end"],
+        ["arrayLastIndex((e, l) -> l = level AND e = first_end, ends, levels) AS best"],
+        # best is 0 (every c{k}[0] is 0) when no start got past step 1.
+        ["if(level >= 2, c1[best], first1) AS t1", *(f"c{k}[best] AS t{k}" for k in range(2, n + 1))],
+    ]
     return layers
+
+
+def _step_times(n: int) -> list[str]:
+    """``t1 .. tn`` from an attempt's ``chain`` (0 past its length), as ordered funnels give them."""
+    return [f"chain[{k}] AS t{k}" for k in range(1, n + 1)]
 
 
 def _attempt_fold(n: int) -> str:
@@ -342,10 +398,10 @@ def _series_columns(n: int) -> str:
 
     cols = ["[" + ", ".join(f"countIf({reached(k)})" for k in range(1, n + 1)) + "] AS counts"]
     for k in range(2, n + 1):
-        diff = f"(toFloat64(chain[{k}]) - toFloat64(chain[{k - 1}])) / 1000"
+        diff = f"(toFloat64(t{k}) - toFloat64(t{k - 1})) / 1000"
         cols.append(f"avgIf({diff}, {reached(k)}) AS mean{k}")
         cols.append(f"quantilesExactInclusiveIf(0.5, 0.9)({diff}, {reached(k)}) AS q{k}")
-    total = f"(toFloat64(chain[{n}]) - toFloat64(chain[1])) / 1000"
+    total = f"(toFloat64(t{n}) - toFloat64(t1)) / 1000"
     cols.append(f"avgIf({total}, {reached(n)}) AS mean_total")
     cols.append(f"quantilesExactInclusiveIf(0.5, 0.9)({total}, {reached(n)}) AS q_total")
     return ", ".join(cols)

@@ -207,19 +207,51 @@ def test_random_paths_match_reference(ch_db, order):
     assert page.people == sorted(want["levels"])[5:10] and page.total == len(want["levels"])
 
 
-def test_times_come_from_the_earliest_start_that_converts(ch_db):
+@pytest.mark.parametrize("order", ["ordered", "strict", "unordered"])
+def test_events_matching_several_steps_match_reference(ch_db, order):
+    # Steps sharing an event name: one event can be two steps (and the same millisecond orders them).
+    rng = random.Random(17 + len(order))
+    events = _random_events(rng)
+    definition = FunnelDefinition(
+        name="shared",
+        steps=(
+            FunnelStep(name="view", event_name="view"),
+            FunnelStep(name="big", event_name="view", filters=(PropertyFilter(key="amount", operator="gt", value=6),)),
+            FunnelStep(name="cart", event_name="cart"),
+            FunnelStep(name="anything", event_name="$any"),
+        ),
+        window_seconds=3 * 3600,
+        order=order,
+    )
+    got, want = check(ch_db, events, definition)
+    assert got.steps[0].count > 20 and got.steps[-1].count > 0
+
+
+def test_times_come_from_the_first_attempt_to_reach_the_furthest_step(ch_db):
     t0 = at("2026-03-06 09:00:00")
-    s = timedelta(seconds=1)
+
+    def path(user: str, *steps_at: tuple[str, int]) -> list[Event]:
+        return [Event(name, t0 + timedelta(seconds=sec), user_id=user) for name, sec in steps_at]
+
     events = [
-        # two step-1 events before the step 2: the attempt measured starts at the first one
-        Event("a", t0, user_id="p"), Event("a", t0 + 10 * s, user_id="p"), Event("b", t0 + 30 * s, user_id="p"),
+        # a repeated step 1 restarts the attempt: measured from the last one before the step 2
+        *path("restart", ("a", 0), ("a", 10), ("b", 30), ("c", 40)),
         # the first start is too old for the window: the second one converts
-        Event("a", t0, user_id="q"), Event("a", t0 + 50 * s, user_id="q"), Event("b", t0 + 70 * s, user_id="q"),
+        *path("too_old", ("a", 0), ("a", 50), ("b", 70), ("c", 75)),
+        # the first attempt to finish is reported, not a later (shorter or not) one
+        *path("first_done", ("a", 0), ("b", 5), ("c", 8), ("a", 10), ("b", 12), ("c", 15)),
+        # two attempts finish on the same step-3 event: the later start (the shorter attempt)
+        *path("caught_up", ("a", 0), ("b", 5), ("a", 10), ("b", 12), ("c", 20)),
+        # a step 1 after the step 2 does not discard the attempt that moved on
+        *path("moved_on", ("a", 0), ("b", 5), ("a", 10), ("c", 20)),
     ]
-    definition = FunnelDefinition(name="times", steps=steps("a", "b"), window_seconds=60)
-    got, _ = check(ch_db, events, definition)
-    assert got.steps[1].count == 2
-    assert got.time_to_convert.mean == pytest.approx((30 + 20) / 2)
+    definition = FunnelDefinition(name="times", steps=steps("a", "b", "c"), window_seconds=60)
+    got, want = check(ch_db, events, definition)
+    assert set(want["levels"].values()) == {3} and got.steps[2].count == 5
+    # (restart, too_old, first_done, caught_up, moved_on)
+    assert got.steps[1].time_from_previous.mean == pytest.approx((20 + 20 + 5 + 2 + 5) / 5)
+    assert got.steps[2].time_from_previous.mean == pytest.approx((10 + 5 + 3 + 8 + 15) / 5)
+    assert got.time_to_convert.mean == pytest.approx((30 + 25 + 8 + 10 + 20) / 5)
 
 
 def test_ordered_levels_equal_clickhouse_window_funnel(ch_db):
