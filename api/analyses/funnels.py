@@ -198,7 +198,7 @@ def _per_person_sql(
     filters: tuple[PropertyFilter, ...],
     cohort_id: str | None,
 ) -> str:
-    """One row per person: level, step times ``t1 .. tn`` (0 past the level), breakdown value, excluded."""
+    """One row per person: level, the attempt's step times (``chain``), breakdown value, excluded flag."""
     n = len(definition.steps)
     window = q.param(definition.window_ms, "UInt64")
     step_conds = [q.event_condition(s.event_name, s.filters + filters) for s in definition.steps]
@@ -252,7 +252,7 @@ def _per_person_sql(
             [as_pairs],
             [f"{candidates} AS cand"],
             ["arrayFirst(c -> length(c) = arrayMax(arrayMap(c -> length(c), cand)), cand) AS chain"],
-            ["toUInt8(length(chain)) AS level", "toUInt8(0) AS guard", *_step_times(n)],
+            ["toUInt8(length(chain)) AS level", "toUInt8(0) AS guard"],
         ]
     elif definition.order == "strict":
         aggregates.append(f"windowFunnel({definition.window_ms}, 'strict_order')(t, {conds}) AS wf_level")
@@ -261,7 +261,7 @@ def _per_person_sql(
             [f"{_attempt_fold(n)} AS fold"],
             ["arrayFilter(c -> notEmpty(c), fold.3) AS reached"],
             ["if(empty(reached), CAST([] AS Array(UInt64)), reached[-1]) AS chain"],
-            ["toUInt8(length(chain)) AS level", *_step_times(n)],
+            ["toUInt8(length(chain)) AS level"],
             ["throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"],
         ]
     else:
@@ -271,12 +271,13 @@ def _per_person_sql(
     for j, x in enumerate(definition.exclusions, 1):
         a, b = x.from_step, x.to_step
         excluded_terms.append(
-            f"(level >= {a} AND arrayExists(v -> v > t{a} AND if(level >= {b}, v < t{b}, v <= t1 + w), xs{j}))"
+            f"(level >= {a} AND arrayExists(v -> v > chain[{a}] AND "
+            f"if(level >= {b}, v < chain[{b}], v <= chain[1] + w), xs{j}))"
         )
     layers.append([f"toUInt8({' OR '.join(excluded_terms) or '0'}) AS excluded"])
     grouped = f"SELECT person_id, {', '.join(aggregates)} FROM ({rows}) GROUP BY person_id"
     return (
-        f"SELECT person_id, level, {', '.join(f't{k}' for k in range(1, n + 1))}, guard, breakdown_value, excluded "
+        "SELECT person_id, level, chain, guard, breakdown_value, excluded "
         f"FROM ({_stacked(grouped, layers)})"
     )
 
@@ -336,29 +337,22 @@ def _ordered_attempts(n: int) -> list[list[str]]:
         # Step k at or after p, at most s + w: packed values in [p * m, (s + w) * m + m - 1] of step k.
         found = f"arrayFirst(x -> x % {m} = {k} AND x >= p * {m} AND x <= (s + w) * {m} + {m - 1}, packed)"
         layers.append([f"arrayMap((s, p) -> if(p = 0, toUInt64(0), intDiv({found}, {m})), c1, c{k - 1}) AS c{k}"])
-    args = ", ".join(f"c{k}" for k in range(2, n + 1))
-    lambda_args = ", ".join(f"v{k}" for k in range(2, n + 1))
+    # One tuple per start, ordered as the attempt to report should win: the highest level, then
+    # the earliest last step (steps only grow along an attempt, so its last step is the
+    # greatest), then the latest start; the step times ride along.
+    lambda_args = ", ".join(f"v{k}" for k in range(1, n + 1))
     reached = " + ".join(f"toUInt8(v{k} != 0)" for k in range(2, n + 1))
-    # Step times only grow along an attempt, so its last reached step is the latest of them.
-    last = f"greatest({lambda_args})" if n > 2 else "v2"
+    last = f"greatest({', '.join(f'v{k}' for k in range(2, n + 1))})" if n > 2 else "v2"
+    ranked = f"(toUInt8(1 + {reached}), -toInt64({last}), v1, [{lambda_args}])"
+    args = ", ".join(f"c{k}" for k in range(1, n + 1))
     layers += [
-        [
-            f"arrayMap(({lambda_args}) -> toUInt8(1 + {reached}), {args}) AS levels",
-            f"arrayMap(({lambda_args}) -> {last}, {args}) AS ends",
-        ],
-        ["if(empty(levels), toUInt8(first1 != 0), arrayMax(levels)) AS level"],
-        # Among starts reaching the level, ends never decrease: the first one ends earliest.
-        ["arrayFirst((e, l) -> l = level, ends, levels) AS first_end"],
-        ["arrayLastIndex((e, l) -> l = level AND e = first_end, ends, levels) AS best"],
-        # best is 0 (every c{k}[0] is 0) when no start got past step 1.
-        ["if(level >= 2, c1[best], first1) AS t1", *(f"c{k}[best] AS t{k}" for k in range(2, n + 1))],
+        [f"arrayMap(({lambda_args}) -> {ranked}, {args}) AS attempts"],
+        ["if(empty(attempts), (toUInt8(first1 != 0), 0, 0, [first1]), arrayMax(attempts)) AS top"],
+        ["top.1 AS level"],
+        # A person no attempt took past step 1 is measured from their first step-1 event.
+        ["if(level >= 2, arraySlice(top.4, 1, level), arraySlice([first1], 1, level)) AS chain"],
     ]
     return layers
-
-
-def _step_times(n: int) -> list[str]:
-    """``t1 .. tn`` from an attempt's ``chain`` (0 past its length), as ordered funnels give them."""
-    return [f"chain[{k}] AS t{k}" for k in range(1, n + 1)]
 
 
 def _attempt_fold(n: int) -> str:
@@ -388,23 +382,46 @@ def _attempt_fold(n: int) -> str:
     return f"arrayFold((acc, e) -> {body}, entries, {init})"
 
 
-def _series_columns(n: int) -> str:
-    """Aggregates over per-person rows: counts per step, times between steps and overall.
+def _series_columns(n: int, mode: Literal["", "State", "Merge"] = "") -> str:
+    """Aggregates over per-person rows: people per step, times between steps and overall.
 
-    Excluded people are left out of every step (they are counted apart).
+    Excluded people are left out of every step (they are counted apart). ``kept`` is a
+    person's step times (empty when excluded) and ``gaps`` the seconds between them, so the
+    ``k``-th element of a ``-ForEach`` aggregate is over the people who reached step ``k``
+    (``k + 1`` for gaps). Arrays past the furthest step anyone reached are shorter.
+    Few references to the per-person columns keep the plan small: ClickHouse names every
+    column by its whole expression, so each reference copies the attempts' text.
+
+    ``mode`` "State" gives the aggregates' states (as ``state_<name>``), and "Merge"
+    combines such states: a breakdown merges the values outside its top ones into "Other".
     """
-    def reached(k: int) -> str:
-        return f"excluded = 0 AND level >= {k}"
+    total = f"toFloat64(kept[{n}] - kept[1]) / 1000"
+    complete = f"length(kept) = {n}"
+    aggregates = (
+        ("counts", "countForEach", "", "kept"),
+        ("means", "avgForEach", "", "gaps"),
+        ("quantiles", "quantilesExactInclusiveForEach", "(0.5, 0.9)", "gaps"),
+        ("mean_total", "avgIf", "", f"{total}, {complete}"),
+        ("q_total", "quantilesExactInclusiveIf", "(0.5, 0.9)", f"{total}, {complete}"),
+    )
+    if mode == "State":
+        return ", ".join(f"{f}State{p}({args}) AS state_{name}" for name, f, p, args in aggregates)
+    return ", ".join(
+        f"{f}{mode}{p}({f'state_{name}' if mode else args}) AS {name}" for name, f, p, args in aggregates
+    )
 
-    cols = ["[" + ", ".join(f"countIf({reached(k)})" for k in range(1, n + 1)) + "] AS counts"]
-    for k in range(2, n + 1):
-        diff = f"(toFloat64(t{k}) - toFloat64(t{k - 1})) / 1000"
-        cols.append(f"avgIf({diff}, {reached(k)}) AS mean{k}")
-        cols.append(f"quantilesExactInclusiveIf(0.5, 0.9)({diff}, {reached(k)}) AS q{k}")
-    total = f"(toFloat64(t{n}) - toFloat64(t1)) / 1000"
-    cols.append(f"avgIf({total}, {reached(n)}) AS mean_total")
-    cols.append(f"quantilesExactInclusiveIf(0.5, 0.9)({total}, {reached(n)}) AS q_total")
-    return ", ".join(cols)
+
+#: Columns of a row of :func:`_series_columns`.
+_SERIES_NAMES = ("counts", "means", "quantiles", "mean_total", "q_total")
+
+
+def _with_gaps(per_person: str, where: str) -> str:
+    """``per_person`` rows passing ``where``, with the ``kept`` and ``gaps`` that :func:`_series_columns` reads."""
+    return (
+        "SELECT *, if(excluded = 0, chain, CAST([] AS Array(UInt64))) AS kept, "
+        "arrayMap(d -> toFloat64(d) / 1000, arrayPopFront(arrayDifference(kept))) AS gaps "
+        f"FROM ({per_person}) WHERE {where}"
+    )
 
 
 def _conversion_time(mean: Any, quantiles: Any, count: int) -> ConversionTime:
@@ -415,7 +432,7 @@ def _conversion_time(mean: Any, quantiles: Any, count: int) -> ConversionTime:
 
 def _series(definition: FunnelDefinition, row: dict[str, Any]) -> FunnelSeries:
     n = len(definition.steps)
-    counts = [int(c) for c in row["counts"]]
+    counts = [int(c) for c in row["counts"]] + [0] * (n - len(row["counts"]))
     steps = []
     for k in range(1, n + 1):
         count, prev = counts[k - 1], counts[k - 2] if k > 1 else counts[0]
@@ -428,7 +445,9 @@ def _series(definition: FunnelDefinition, row: dict[str, Any]) -> FunnelSeries:
                 conversion_from_previous=count / prev if prev else 0.0,
                 dropped=prev - count if k > 1 else 0,
                 time_from_previous=(
-                    _conversion_time(row[f"mean{k}"], row[f"q{k}"], count) if k > 1 else ConversionTime()
+                    _conversion_time(row["means"][k - 2], row["quantiles"][k - 2], count)
+                    if k > 1 and count
+                    else ConversionTime()
                 ),
             )
         )
@@ -451,17 +470,10 @@ def compute_funnel(
     n = len(definition.steps)
     per_person = _per_person_sql(q, definition, time_range, tuple(filters), cohort_id)
     sql = (
-        f"WITH per_person AS ({per_person}) "
         f"SELECT {_series_columns(n)}, countIf(excluded = 1) AS excluded_people "
-        "FROM per_person WHERE guard = 0 AND (level >= 1 OR excluded = 1)"
+        f"FROM ({_with_gaps(per_person, 'guard = 0 AND (level >= 1 OR excluded = 1)')})"
     )
-    names = [
-        "counts",
-        *[c for k in range(2, n + 1) for c in (f"mean{k}", f"q{k}")],
-        "mean_total",
-        "q_total",
-        "excluded_people",
-    ]
+    names = [*_SERIES_NAMES, "excluded_people"]
     (row,) = run(client, sql, q)
     overall = _series(definition, dict(zip(names, row, strict=True)))
     result = FunnelResult(
@@ -489,14 +501,19 @@ def _breakdown(
     n = len(definition.steps)
     per_person = _per_person_sql(q, definition, time_range, filters, cohort_id)
     limit = q.param(definition.breakdown.limit, "UInt64")
-    cols = _series_columns(n)
+    # One pass over the people: aggregate states per value, then merge the values outside the
+    # top ones into "Other" (a second reference to the people would compute them again).
+    per_value = (
+        f"SELECT breakdown_value, count() AS people, {_series_columns(n, 'State')} "
+        f"FROM ({_with_gaps(per_person, 'level >= 1 AND excluded = 0 AND guard = 0')}) GROUP BY breakdown_value"
+    )
+    ranked = (
+        f"SELECT *, row_number() OVER (ORDER BY people DESC, breakdown_value) <= {limit} AS is_top "
+        f"FROM ({per_value})"
+    )
     sql = (
-        f"WITH per_person AS ({per_person}), "
-        f"top AS (SELECT breakdown_value FROM per_person WHERE level >= 1 AND excluded = 0 "
-        f"GROUP BY breakdown_value ORDER BY count() DESC, breakdown_value LIMIT {limit}) "
-        f"SELECT {cols}, 0 AS excluded_people, breakdown_value IN (SELECT breakdown_value FROM top) AS is_top, "
-        "if(is_top, breakdown_value, '') AS value "
-        "FROM per_person WHERE level >= 1 AND excluded = 0 AND guard = 0 "
+        f"SELECT {_series_columns(n, 'Merge')}, 0 AS excluded_people, is_top, "
+        f"if(is_top, breakdown_value, '') AS value FROM ({ranked}) "
         "GROUP BY is_top, value ORDER BY is_top DESC, counts[1] DESC, value"
     )
     out: list[FunnelBreakdownValue] = []
@@ -530,11 +547,11 @@ def funnel_people(
     per_person = _per_person_sql(q, definition, time_range, tuple(filters), cohort_id)
     cond = f"level >= {step}" if status == "reached" else f"level = {step}"
     lim, off = q.param(limit, "UInt64"), q.param(offset, "UInt64")
+    # The total is a window count over the same rows: a second reference to a CTE would
+    # compute the whole per-person query again. A page past the end has no row to carry it.
     sql = (
-        f"WITH per_person AS ({per_person}), chosen AS (SELECT person_id FROM per_person "
-        f"WHERE excluded = 0 AND guard = 0 AND {cond}) "
-        f"SELECT (SELECT count() FROM chosen) AS total, person_id FROM chosen "
-        f"ORDER BY person_id LIMIT {lim} OFFSET {off}"
+        f"SELECT count() OVER () AS total, person_id FROM ({per_person}) "
+        f"WHERE excluded = 0 AND guard = 0 AND {cond} ORDER BY person_id LIMIT {lim} OFFSET {off}"
     )
     rows = run(client, sql, q)
     total = int(rows[0][0]) if rows else _count_only(client, definition, time_range, filters, cohort_id, cond)
