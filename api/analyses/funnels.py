@@ -286,10 +286,10 @@ def _stacked(base: str, layers: list[list[str]]) -> str:
     """``base`` with each layer's columns added on top of the columns before, one subquery a layer.
 
     Why subqueries: within one SELECT, ClickHouse's analyzer replaces every use of an alias
-    by a copy of its expression. Attempt columns use the previous step's columns several
-    times over, so a single SELECT grew exponentially with the steps, and planning a
-    5-step funnel took about 0.4 s before it read a row. A subquery's columns are plain
-    columns to the query above it.
+    by a copy of its expression tree. Attempt columns use the previous step's columns several
+    times over, so one SELECT's tree grew exponentially with the steps, and planning a 5-step
+    funnel took about 0.4 s before it read a row. A subquery's column is one node to the query
+    above it (its name in the plan still spells the whole expression: see ``_series_columns``).
     """
     sql = base
     for columns in layers:
@@ -306,7 +306,7 @@ def _ordered_attempts(n: int) -> list[list[str]]:
     start, so the best attempt reaches ``windowFunnel``'s level; the tests compare them).
 
     Only starts directly followed, among the step-1 and step-2 events, by a step-2 event are
-    tried (a handful per person, where every step-1 event used to be). A start followed by
+    tried (a handful per person rather than every step-1 event). A start followed by
     another step-1 event first is dominated by that later one: both take the same step-2
     event and so the same later steps, and the later one has more of its window left and
     a shorter time to convert. Among the attempts reaching the person's level, the one

@@ -149,6 +149,9 @@ def test_exclusions(ch_db):
         Event("a", t0, user_id="stuck"), Event("cancel", t0 + 5 * m, user_id="stuck"),
         # did not convert, cancelled after the window: kept
         Event("a", t0, user_id="outside"), Event("cancel", t0 + 90 * m, user_id="outside"),
+        # cancelled, then started again and converted: the attempt measured starts after the cancel
+        Event("a", t0, user_id="restarted"), Event("cancel", t0 + m, user_id="restarted"),
+        Event("a", t0 + 2 * m, user_id="restarted"), Event("b", t0 + 3 * m, user_id="restarted"),
     ]
     definition = FunnelDefinition(
         name="excl",
@@ -158,7 +161,7 @@ def test_exclusions(ch_db):
     )
     got, want = check(ch_db, events, definition)
     assert got.excluded == 2
-    assert want["levels"] == {"clean": 2, "after": 2, "outside": 1}
+    assert want["levels"] == {"clean": 2, "after": 2, "outside": 1, "restarted": 2}
 
 
 def _random_events(rng: random.Random, people: int = 120) -> list[Event]:
