@@ -339,18 +339,20 @@ def _ordered_attempts(n: int) -> list[list[str]]:
         layers.append([f"arrayMap((s, p) -> if(p = 0, toUInt64(0), intDiv({found}, {m})), c1, c{k - 1}) AS c{k}"])
     # One tuple per start, ordered as the attempt to report should win: the highest level, then
     # the earliest last step (steps only grow along an attempt, so its last step is the
-    # greatest), then the latest start; the step times ride along.
+    # greatest), then the latest start; its step times ride along. The first step-1 event
+    # alone is one more candidate, winning among attempts that never got past step 1.
     lambda_args = ", ".join(f"v{k}" for k in range(1, n + 1))
-    reached = " + ".join(f"toUInt8(v{k} != 0)" for k in range(2, n + 1))
+    level = "toUInt8(1 + " + " + ".join(f"(v{k} != 0)" for k in range(2, n + 1)) + ")"
     last = f"greatest({', '.join(f'v{k}' for k in range(2, n + 1))})" if n > 2 else "v2"
-    ranked = f"(toUInt8(1 + {reached}), -toInt64({last}), v1, [{lambda_args}])"
+    ranked = f"({level}, -toInt64({last}), v1, arraySlice([{lambda_args}], 1, {level}))"
+    first_only = (
+        "(toUInt8(first1 != 0), toInt64(0), toUInt64(18446744073709551615), arraySlice([first1], 1, first1 != 0))"
+    )
     args = ", ".join(f"c{k}" for k in range(1, n + 1))
     layers += [
-        [f"arrayMap(({lambda_args}) -> {ranked}, {args}) AS attempts"],
-        ["if(empty(attempts), (toUInt8(first1 != 0), 0, 0, [first1]), arrayMax(attempts)) AS top"],
-        ["top.1 AS level"],
-        # A person no attempt took past step 1 is measured from their first step-1 event.
-        ["if(level >= 2, arraySlice(top.4, 1, level), arraySlice([first1], 1, level)) AS chain"],
+        [f"arrayPushBack(arrayMap(({lambda_args}) -> {ranked}, {args}), {first_only}) AS attempts"],
+        ["arrayMax(attempts).4 AS chain"],
+        ["toUInt8(length(chain)) AS level"],
     ]
     return layers
 
