@@ -209,8 +209,8 @@ class SQLBuilder:
     def time_range(self, time_range: TimeRange, column: str = "timestamp") -> str:
         """``column`` within ``[start, end)``; ``column`` must be a known timestamp column.
 
-        For event time the UTC day is bounded too. It changes no result (the day of an instant
-        in the range lies between the days of its bounds), but ``events`` is sorted by
+        For event time the UTC day is bounded too, from the start's day to the day of the last
+        instant in the range. It changes no result, but ``events`` is sorted by
         ``(event_name, toDate(timestamp), ...)`` and the primary index only prunes granules by
         day on a condition written on ``toDate(timestamp)``: without it a 30-day range over a
         quarter of events read every granule of the named events.
@@ -228,7 +228,7 @@ class SQLBuilder:
         if column == "timestamp":
             # Every table and view with event time stores it as DateTime64(3, 'UTC'), so
             # toDate(timestamp) is the UTC day, like toDate() of the UTC parameters.
-            cond += f" AND toDate({column}) BETWEEN toDate({start}) AND toDate({end})"
+            cond += f" AND toDate({column}) BETWEEN toDate({start}) AND toDate(subtractMilliseconds({end}, 1))"
         return f"({cond})"
 
     def in_cohort(self, cohort_id: str | None) -> str:

@@ -74,6 +74,17 @@ def test_time_range_is_half_open_to_the_millisecond(ch_db):
     want = funnel_reference(events, definition, start, end)
     assert want["levels"] == {"inside": 2, "late": 1}
     assert [s.count for s in got.steps] == want["counts"] == [2, 1]
+    # A range ending at midnight ends with the last millisecond of the day before.
+    midnight = at("2026-03-13 00:00:00")
+    last_day = [
+        Event("a", midnight - 2 * ms, user_id="by_midnight"), Event("b", midnight - ms, user_id="by_midnight"),
+        Event("a", midnight - ms, user_id="at_midnight"), Event("b", midnight, user_id="at_midnight"),
+    ]
+    insert_events(ch_db, last_day)
+    got = compute_funnel(ch_db, definition, TimeRange(start=end, end=midnight))
+    want = funnel_reference(events + last_day, definition, end, midnight)
+    assert want["levels"] == {"by_midnight": 2, "at_midnight": 1}
+    assert [s.count for s in got.steps] == want["counts"] == [2, 1]
 
 
 def test_same_millisecond_counts_as_in_order(ch_db):
