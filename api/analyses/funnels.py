@@ -238,7 +238,8 @@ def _per_person_sql(
     aggregates = [f"{window} AS w", f"arraySort({entries}) AS packed", f"{breakdown_value} AS breakdown_value"]
     aggregates += [f"groupArrayIf(t, x{j} = 1) AS xs{j}" for j in range(1, len(excl_conds) + 1)]
     # Replays and windows of strict and unordered funnels read (time, step) pairs.
-    as_pairs = f"arrayMap(x -> (intDiv(x, {STEP_SLOTS}), toUInt8(x % {STEP_SLOTS})), packed) AS entries"
+    def as_pairs(events: str) -> str:
+        return f"arrayMap(x -> (intDiv(x, {STEP_SLOTS}), toUInt8(x % {STEP_SLOTS})), {events}) AS entries"
 
     layers: list[list[str]]
     if definition.order == "unordered":
@@ -249,15 +250,22 @@ def _per_person_sql(
             "arrayMap(e -> e.1, entries))"
         )
         layers = [
-            [as_pairs],
+            [as_pairs("packed")],
             [f"{candidates} AS cand"],
             ["arrayFirst(c -> length(c) = arrayMax(arrayMap(c -> length(c), cand)), cand) AS chain"],
             ["toUInt8(length(chain)) AS level", "toUInt8(0) AS guard"],
         ]
     elif definition.order == "strict":
         aggregates.append(f"windowFunnel({definition.window_ms}, 'strict_order')(t, {conds}) AS wf_level")
+        m = STEP_SLOTS
+        # The replay skips every event before the first step-1 event and stops at the first other
+        # event after it, so it only folds over the run between them (a few events, not all).
         layers = [
-            [as_pairs],
+            [f"arrayFirstIndex(x -> x % {m} = 1, packed) AS first_start"],
+            ["if(first_start = 0, CAST([] AS Array(UInt64)), arraySlice(packed, first_start)) AS from_start"],
+            [f"arrayFirstIndex(x -> x % {m} = 0, from_start) AS first_other"],
+            ["if(first_other = 0, from_start, arraySlice(from_start, 1, first_other - 1)) AS run"],
+            [as_pairs("run")],
             [f"{_attempt_fold(n)} AS fold"],
             ["arrayFilter(c -> notEmpty(c), fold.3) AS reached"],
             ["if(empty(reached), CAST([] AS Array(UInt64)), reached[-1]) AS chain"],
