@@ -172,6 +172,12 @@ def metric_snapshot_codec() -> SchemaCodec:
 
 
 @cache
-def metric_partial_codec() -> SchemaCodec:
+def metric_partial_batch_codec() -> SchemaCodec:
     """The codec of the internal ``metrics.partials`` topic, built once per process."""
+    return SchemaCodec(load_schema("metric_partial_batch.avsc"))
+
+
+@cache
+def metric_partial_codec() -> SchemaCodec:
+    """The codec of ``metrics.partials`` before partials were batched (read during an upgrade)."""
     return SchemaCodec(load_schema("metric_partial.avsc"))

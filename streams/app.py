@@ -1,50 +1,61 @@
-"""The Faust app: the stream worker's topics, tables and agents.
+"""The Faust app of the stream worker: its three stages, run as services of the app.
 
 Processing guarantee, and why
 -----------------------------
 Faust's ``exactly_once`` mode rides on Kafka transactions; in faust-streaming it has
 known bugs (stalls and lost commits around rebalances) and by default wants three
-brokers for the transaction log. We run ``at_least_once`` and make redelivery harmless
+brokers for the transaction log. We run at least once and make redelivery harmless
 instead, where it is cheap to do so:
 
 - every output is a full value under a key, never a delta: a session version
   (``sessions``: ReplacingMergeTree(version) keyed by session id), a partition's partial
   of a window (``metrics.partials``, partitioned by series: the merger keeps the latest
-  per source partition) and a
-  snapshot (``metrics``: ReplacingMergeTree(computed_at) keyed by metric, period, period
-  start and dimensions). Re-publishing one replaces it with the same value;
-- the only state that adds up (counts, sums, distinct sets, sessions) is checkpointed
-  together with the offset it reflects, in one message, and offsets are committed only
-  up to the checkpoint (:mod:`streams.agents.events`). A restarted partition skips what
-  its checkpoint already holds, so nothing is counted twice.
+  per source partition) and a snapshot (``metrics``: ReplacingMergeTree(computed_at)
+  keyed by metric, period, period start and dimensions). Re-publishing one replaces it
+  with the same value;
+- the state that adds up (counts, sums, distinct sets, sessions; the merged partials; the
+  detectors) is checkpointed together with the offset it reflects, in one message, and
+  offsets are committed only up to the checkpoint (:mod:`streams.agents.checkpoints`). A
+  restarted partition skips what its checkpoint already holds, so nothing counts twice.
 
-Two stages, three consumer groups: ``events.raw`` is read by a librdkafka consumer in a
-thread of its own (group ``<prefix><stream_app_id>``; see :mod:`streams.agents.events`
-for why not a Faust agent), run as a service of this Faust app; the Faust agent of metric
-merging consumes the far smaller ``metrics.partials`` topic in the group of
-:func:`agents_app_id`; anomaly detection reads ``metrics`` with a librdkafka consumer of its
-own, also a service of this app (:class:`~streams.agents.anomalies.AnomalyConsumer`).
+Three stages, three consumer groups, each reading its topic with librdkafka in a thread
+of its own, run as a service of this Faust app (which owns the worker's lifecycle, its
+signals and its web endpoint):
+
+1. events (:mod:`streams.agents.events`, group ``<prefix><stream_app_id>``):
+   ``events.raw`` → sessions and per-partition partials of metric windows;
+2. metric merging (:mod:`streams.agents.metrics`, group ``<prefix><stream_app_id>-merge``):
+   ``metrics.partials`` → snapshots on ``metrics``, final once every partition has
+   passed a window;
+3. anomaly detection (:mod:`streams.agents.anomalies`): ``metrics`` → ``anomalies``.
+
+Why not Faust agents: a Faust agent pays about 150 µs per message (its conductor, channels
+and event objects), which capped a worker reading ``events.raw`` near 6,000 events/s
+before any work; the merging agent's Faust table wrote every partial's state to its
+changelog through aiokafka, one message per partial, and cost more than the events stage
+itself. librdkafka hands over batches for about a microsecond a message, and each stage
+checkpoints its state as one message on its own schedule.
 
 Scaling: the unit of parallelism is a partition of ``events.raw`` (keyed by device, so a
-device's sessions stay on one worker). Start more workers with the same settings and the
-``events.raw`` group spreads partitions (and with them their checkpoints) over them.
+device's sessions stay on one worker) and a lane of ``metrics.partials``. Start more
+workers with the same settings and the groups spread partitions and lanes (and with them
+their checkpoints) over them. Anomaly detection keeps one detector bank per worker
+(:mod:`streams.agents.anomalies`).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import Any
 
 import faust
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
-from schemas.codec import SchemaError
-from schemas.streams import metric_partial_codec
 from streams.agents.anomalies import register_anomaly_agent
-from streams.agents.events import MAX_CHECKPOINT_BYTES, EventsConsumer, checkpoint_topic
-from streams.agents.metrics import MetricsAgent, snapshot_partition
+from streams.agents.checkpoints import ensure_checkpoint_topic
+from streams.agents.events import EventsConsumer, checkpoint_topic
+from streams.agents.metrics import PARTIALS_PARTITIONS, PARTIALS_TOPIC, MetricsConsumer, merge_checkpoint_topic
 from streams.agents.threaded import run_as_service
 from streams.aggregators import compile_catalogue
 from streams.catalogue import get_catalogue
@@ -53,9 +64,6 @@ from tidemark.topics import DAY_MS, EVENTS_RAW, METRICS, TopicSpec, ensure_topic
 
 log = logging.getLogger(__name__)
 
-PARTIALS_TOPIC = "metrics.partials"
-PARTIALS_PARTITIONS = 6
-
 
 def faust_brokers(bootstrap: str) -> list[str]:
     """Faust's broker URLs (``kafka://host:port``) for a Kafka bootstrap list."""
@@ -63,49 +71,15 @@ def faust_brokers(bootstrap: str) -> list[str]:
 
 
 def agents_app_id(settings: Settings) -> str:
-    """The Faust app id (and consumer group) of the agents downstream of ``events.raw``."""
+    """The Faust app id of the stream worker (the stages' consumer groups are named in their modules)."""
     return f"{settings.topic_prefix}{settings.stream_app_id}-agents"
 
 
-def replication_factor(settings: Settings) -> int:
-    """1 on a cluster smaller than three brokers (the local single broker), else 3."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    return 1 if len(admin.list_topics(timeout=30).brokers) < 3 else 3
-
-
 def ensure_stream_topics(settings: Settings) -> None:
-    """Create the worker's internal topics before Faust subscribes.
-
-    Faust creates them itself too, but a topic it creates while joining the group may be
-    missing from the first metadata it reads, and it then stays unassigned until the
-    next rebalance.
-    """
-    agents_id = agents_app_id(settings).removeprefix(settings.topic_prefix)
-    compacted = "compact"
-    ensure_topics(
-        settings,
-        (
-            TopicSpec(PARTIALS_TOPIC, PARTIALS_PARTITIONS, retention_ms=DAY_MS),
-            TopicSpec(f"{agents_id}-merged-windows-changelog", PARTIALS_PARTITIONS, -1, compacted),
-        ),
-    )
-    # A partition's checkpoint is one message (that is what makes it atomic), and a busy
-    # partition's open windows can weigh megabytes: this topic takes messages that large.
-    name = checkpoint_topic(settings)
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    if name not in admin.list_topics(timeout=30).topics:
-        topic = NewTopic(
-            name,
-            num_partitions=EVENTS_RAW.partitions,
-            replication_factor=replication_factor(settings),
-            config={"cleanup.policy": compacted, "max.message.bytes": str(MAX_CHECKPOINT_BYTES)},
-        )
-        for future in admin.create_topics([topic], operation_timeout=30).values():
-            try:
-                future.result()
-            except Exception as exc:  # created concurrently by another worker: fine
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise
+    """Create the worker's internal topics (idempotent): the partials and the stages' checkpoints."""
+    ensure_topics(settings, (TopicSpec(PARTIALS_TOPIC, PARTIALS_PARTITIONS, retention_ms=DAY_MS),))
+    ensure_checkpoint_topic(settings, checkpoint_topic(settings), EVENTS_RAW.partitions)
+    ensure_checkpoint_topic(settings, merge_checkpoint_topic(settings), PARTIALS_PARTITIONS)
 
 
 def partition_count(settings: Settings, spec: TopicSpec) -> int:
@@ -122,7 +96,7 @@ def partition_count(settings: Settings, spec: TopicSpec) -> int:
 
 
 def create_app(settings: Settings) -> faust.App:
-    """The Faust app of the stream worker: the events consumer (a service), the agents, the flush timer, the tables."""
+    """The Faust app of the stream worker, with the events, metric-merging and anomaly stages as its services."""
     app_id = agents_app_id(settings)
     datadir = settings.state_dir / "faust" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -130,52 +104,34 @@ def create_app(settings: Settings) -> faust.App:
         app_id,
         broker=faust_brokers(settings.kafka_bootstrap),
         processing_guarantee="at_least_once",
-        topic_replication_factor=replication_factor(settings),
-        topic_partitions=EVENTS_RAW.partitions,
         store="memory://",
         datadir=str(datadir),
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=settings.stream_commit_seconds,
         web_enabled=settings.stream_web_port > 0,
         web_port=settings.stream_web_port or 6066,
         web_bind="127.0.0.1",
-        table_cleanup_interval=3600.0,
-        # The merging agent acknowledges on its flush timer, which no longer runs while the
-        # worker stops: waiting for "in-flight" messages would hold the stop until it is killed.
-        # What was not acknowledged is merged again by the next owner (replacing, so harmless).
-        stream_wait_empty=False,
-        producer_acks=-1,
-        # The merged-windows table writes every partial's state (sets of thousands of ids) to its changelog.
-        producer_compression_type="lz4",
-        producer_max_request_size=MAX_CHECKPOINT_BYTES,
-        consumer_max_fetch_size=MAX_CHECKPOINT_BYTES,
     )
     catalogue = get_catalogue(settings.metrics_file)
     aggregators = compile_catalogue(catalogue)
+    source_partitions = partition_count(settings, EVENTS_RAW)
 
-    partials = app.topic(
-        settings.topic(PARTIALS_TOPIC), key_type=bytes, value_type=bytes, key_serializer="raw",
-        value_serializer="raw", partitions=PARTIALS_PARTITIONS, internal=True,
-    )
-    merged = app.Table("merged-windows", partitions=PARTIALS_PARTITIONS, key_type=str, value_type=bytes)
+    events = EventsConsumer(settings, aggregators, settings.topic(PARTIALS_TOPIC), partial_lanes=PARTIALS_PARTITIONS)
+    run_as_service(app, events, "events consumer")
 
-    def ack(message: Any) -> None:
-        message.ack(app.consumer)
+    merging = MetricsConsumer(settings, aggregators, source_partitions, partition_count(settings, METRICS))
+    run_as_service(app, merging, "metric merging")
 
-    # Outputs go through librdkafka (Faust's own producer path manages a few thousand
-    # messages a second); each agent flushes it before acknowledging what it consumed.
+    # Anomalies go out through librdkafka; the anomaly stage flushes it before it checkpoints.
     producer = Producer({
         "bootstrap.servers": settings.kafka_bootstrap,
         "enable.idempotence": True,
         "linger.ms": 20,
-        "queue.buffering.max.messages": 1_000_000,
     })
 
     def publisher(topic_name: str) -> Any:
-        def publish(key: bytes, value: bytes, partition: int = -1) -> None:
+        def publish(key: bytes, value: bytes) -> None:
             while True:
                 try:
-                    producer.produce(topic_name, key=key, value=value, partition=partition)  # -1: by key
+                    producer.produce(topic_name, key=key, value=value)
                     return
                 except BufferError:  # local queue full: let deliveries drain
                     producer.poll(0.05)
@@ -184,55 +140,13 @@ def create_app(settings: Settings) -> faust.App:
 
     def outputs_durable() -> None:
         if producer.flush(60) != 0:
-            raise RuntimeError("outputs were not delivered within 60 s; not acknowledging")
-
-    events = EventsConsumer(settings, aggregators, settings.topic(PARTIALS_TOPIC), partial_lanes=PARTIALS_PARTITIONS)
-
-    run_as_service(app, events, "events consumer")
-
-    publish_metric = publisher(settings.topic(METRICS.name))
-    metrics_partitions = partition_count(settings, METRICS)
-
-    def publish_snapshot(key: bytes, value: bytes, lane: int) -> None:
-        publish_metric(key, value, snapshot_partition(lane, metrics_partitions))
-
-    metrics_agent = MetricsAgent(
-        aggregators,
-        publish_snapshot=publish_snapshot,
-        store=merged,
-        source_partitions=partition_count(settings, EVENTS_RAW),
-        grace=timedelta(seconds=settings.stream_grace_seconds),
-    )
-    partial_codec = metric_partial_codec()
-
-    @app.agent(partials, name="metrics")
-    async def merge_partials(stream: faust.StreamT) -> None:
-        async for event in stream.noack().events():
-            message = event.message
-            metrics_agent.unacked.append(message)
-            try:
-                record = partial_codec.decode(message.value)
-            except SchemaError as exc:
-                log.warning("Skipping undecodable partial: %s", exc)
-                continue
-            metrics_agent.on_partial(message.key.decode(), record, lane=message.partition)
-
-    @app.timer(settings.stream_flush_seconds)
-    async def flush() -> None:
-        # Snapshots are durable before the partials they came from are acknowledged.
-        if metrics_agent.unacked:
-            metrics_agent.publish_changed()
-            outputs_durable()
-            for message in metrics_agent.unacked:
-                ack(message)
-            metrics_agent.unacked.clear()
+            raise RuntimeError("anomalies were not delivered within 60 s; not checkpointing")
 
     # Anomaly detection: metric snapshots -> anomalies, in a consumer thread with its own checkpoint.
-    anomaly_agent = register_anomaly_agent(
-        app, settings, catalogue, publisher, outputs_durable, MAX_CHECKPOINT_BYTES, lanes=PARTIALS_PARTITIONS
-    )
+    anomaly_agent = register_anomaly_agent(app, settings, catalogue, publisher, outputs_durable,
+                                           lanes=PARTIALS_PARTITIONS)
 
     app.tidemark_events_consumer = events  # type: ignore[attr-defined]
     app.tidemark_anomaly_agent = anomaly_agent  # type: ignore[attr-defined]
-    app.tidemark_metrics_agent = metrics_agent  # type: ignore[attr-defined]
+    app.tidemark_metrics_agent = merging.agent  # type: ignore[attr-defined]
     return app

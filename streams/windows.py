@@ -11,7 +11,7 @@ Two stages, because a window's events are spread over every partition of ``event
    partition's full aggregate for the window, not a delta. Metrics whose windows would
    hold the same data share them (dau and active_users; a ratio and its parts; every
    session metric): see :class:`_WindowGroup`.
-2. :class:`SnapshotMerger` runs per *lane* of ``metrics.partials``. Partials are routed to
+2. :class:`~streams.merging.SnapshotMerger` runs per *lane* of ``metrics.partials``. Partials are routed to
    a lane by their series (:func:`series_lane`), so every window of a series meets in one
    lane. It keeps the latest partial of each source partition per window and merges them
    into the window's value, a ``MetricSnapshot``.
@@ -25,7 +25,7 @@ itself carries only the watermark announced before, never the one its own flush 
 Within a lane, the messages of one source arrive in the order they were published; so
 once every source partition's announced watermark has passed ``end + grace``, every
 window of that lane ending at ``end`` or earlier has its last partial from every source,
-and :meth:`SnapshotMerger.finalize` publishes it once more,
+and :meth:`~streams.merging.SnapshotMerger.finalize` publishes it once more,
 marked ``final``, in order of window end. That is what the anomaly agent judges: a
 window is judged complete when it *is* complete, not when a later one shows up (one
 source partition may run hours of event time ahead of another while catching up).
@@ -756,117 +756,6 @@ class MetricValue:
     def to_snapshot(self, computed_at: int, source: str = "stream") -> MetricSnapshot:
         """The pydantic model of the snapshot."""
         return MetricSnapshot.from_avro(self.to_avro(computed_at, source))
-
-
-class SnapshotMerger:
-    """Stage two: merges the partials of every source partition into one snapshot per window.
-
-    ``evict_after`` bounds memory: :meth:`evict` drops windows whose end is that far
-    behind the slowest source partition's watermark, and a partial arriving for a dropped
-    window afterwards is counted in ``late_partials`` instead of overwriting the full
-    value with a fragment. (Stage one closes a window ``grace`` after its end, far less.)
-    """
-
-    def __init__(
-        self,
-        aggregators: Mapping[str, MetricAggregator],
-        evict_after: timedelta = timedelta(days=2),
-        source_partitions: int | None = None,
-        grace: timedelta = DEFAULT_GRACE,
-    ) -> None:
-        self.aggregators = dict(aggregators)
-        self.source_partitions = source_partitions
-        self.evict_after_ms = int(evict_after.total_seconds() * 1000)
-        self.grace_ms = int(grace.total_seconds() * 1000)
-        self.parts: dict[WindowKey, dict[int, Any]] = {}
-        self.ends: dict[WindowKey, int] = {}
-        self.partition_watermarks: dict[int, int] = {}
-        self.evicted_through = -(1 << 62)  # windows ending at or before this were dropped
-        self.final_through = -(1 << 62)  # windows ending at or before this were published final
-        self._by_end: list[tuple[int, int, WindowKey]] = []  # heap of windows not yet final
-        self.late_partials = 0
-
-    @property
-    def watermark(self) -> int:
-        """The slowest source partition's watermark: no window ending later can be complete yet.
-
-        With ``source_partitions`` known, a partition not heard from yet holds it at 0.
-        """
-        if self.source_partitions is not None and len(self.partition_watermarks) < self.source_partitions:
-            return 0
-        return min(self.partition_watermarks.values(), default=0)
-
-    def note_watermark(self, partition: int, watermark: int) -> None:
-        """Record a source partition's progress (from a partial, or a watermark record without one)."""
-        if watermark > self.partition_watermarks.get(partition, -1):
-            self.partition_watermarks[partition] = watermark
-
-    def add(self, partial: MetricPartial) -> MetricValue | None:
-        """Take one partial; return the window's merged value (None if it is undefined)."""
-        wkey = partial.window_key
-        self.note_watermark(partial.partition, partial.watermark)
-        if wkey not in self.parts and partial.period_end <= self.evicted_through:
-            self.late_partials += 1
-            return None
-        parts = self.parts.get(wkey)
-        if parts is None:
-            parts = self.parts[wkey] = {}
-            if partial.period_end > self.final_through:
-                heapq.heappush(self._by_end, (partial.period_end, partial.period_start, wkey))
-        parts[partial.partition] = partial.state
-        self.ends[wkey] = partial.period_end
-        return self._value(wkey)
-
-    def restore_window(self, wkey: WindowKey, end: int, states: Mapping[int, Any]) -> None:
-        """Put back a window's partials (from the agent's table after a restart)."""
-        if wkey not in self.parts and end > self.final_through:
-            heapq.heappush(self._by_end, (end, wkey[4], wkey))
-        self.parts.setdefault(wkey, {}).update(states)
-        self.ends[wkey] = end
-
-    def _value(self, wkey: WindowKey, final: bool = False) -> MetricValue | None:
-        metric, dimension, dimension_value, period, start = wkey
-        merged = self.aggregators[metric].new_partial()
-        for state in self.parts[wkey].values():
-            merged.merge(state)
-        value = merged.value()
-        if value is None:
-            return None
-        dims = {dimension: dimension_value} if dimension else {}
-        return MetricValue(metric, period, start, self.ends[wkey], dims, value, final)
-
-    def finalize(self) -> list[MetricValue]:
-        """The windows that became complete since the last call, marked ``final``, in order of their end.
-
-        Complete: every source partition's watermark (as seen by this merger) passed the
-        window's end plus the grace period. Call it after :meth:`add`; each window is
-        returned once (windows loaded again after a restart may come a second time: a
-        consumer ignores a period it already judged). A window whose value is undefined
-        (a ratio over nothing) is skipped.
-        """
-        horizon = self.watermark - self.grace_ms
-        if horizon <= self.final_through:
-            return []
-        self.final_through = horizon
-        done: list[MetricValue] = []
-        heap = self._by_end
-        while heap and heap[0][0] <= horizon:
-            _end, _start, wkey = heapq.heappop(heap)
-            if wkey in self.parts:  # not evicted meanwhile
-                value = self._value(wkey, final=True)
-                if value is not None:
-                    done.append(value)
-        return done
-
-    def evict(self) -> int:
-        """Drop windows that ended ``evict_after`` before the slowest partition's watermark."""
-        horizon = self.watermark - self.evict_after_ms
-        old = [k for k, end in self.ends.items() if end <= horizon]
-        self.evicted_through = max(self.evicted_through, horizon)
-        for key in old:
-            del self.parts[key]
-            del self.ends[key]
-        return len(old)
 
 
 # How a window group keeps its pending minutes and merges them: the accumulator behind its windows.

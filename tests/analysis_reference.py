@@ -162,7 +162,12 @@ def _times(values: list[float]) -> dict[str, float | None]:
 def funnel_attempt(
     entries: list[tuple[int, int]], n: int, window: int, order: str
 ) -> list[int]:
-    """Step times of the attempt that gives a person's level (``entries`` = (ms, step), step 0 = other)."""
+    """Step times of the attempt that gives a person's level (``entries`` = (ms, step), step 0 = other).
+
+    Which attempt, as a user reads it (api/analyses/funnels.py says the same): unordered, the
+    earliest window with the most steps; strict, the latest attempt that reached the level;
+    ordered, the first attempt to reach the level, a repeated step 1 restarting the clock.
+    """
     entries = sorted(entries)
     if order == "unordered":
         best: list[int] = []
@@ -201,21 +206,25 @@ def funnel_attempt(
     replayed = reached[-1] if reached else []
     if order == "strict":
         return replayed
-    # Ordered: the earliest start reaching the level, taking the first next step each time.
-    by_step: dict[int, list[int]] = defaultdict(list)
-    for t, s in entries:
-        by_step[s].append(t)
+    # Ordered, replayed the way PostHog reports time to convert: for each step, the latest
+    # attempt (by start) that reached it so far. A step-1 event starts a new attempt; an
+    # attempt takes the first event of its next step within start + window; the attempt
+    # reported is the first to reach the person's furthest step.
+    latest: dict[int, list[int]] = {}
     best: list[int] = []
-    for start in by_step[1]:
-        chain = [start]
-        for k in range(2, n + 1):
-            nxt = next((t for t in by_step[k] if chain[-1] <= t <= start + window), None)
-            if nxt is None:
-                break
-            chain.append(nxt)
-        if len(chain) > len(best):
-            best = chain
-    assert len(best) == len(replayed), "greedy attempt and windowFunnel replay disagree on the level"
+    for t, s in entries:
+        if s == 1:
+            latest[1] = [t]
+        elif s - 1 in latest:
+            before = latest[s - 1]
+            if t > before[0] + window or (s in latest and latest[s][0] == before[0]):
+                continue  # out of its window, or this attempt already took an earlier step-s event
+            latest[s] = before + [t]
+        else:
+            continue
+        if len(latest[s]) > len(best):
+            best = latest[s]
+    assert len(best) == len(replayed), "ordered replay and windowFunnel replay disagree on the level"
     return best
 
 

@@ -2,7 +2,7 @@
 
 :class:`AnomalyReplay` runs what the stream worker runs -- one
 :class:`~streams.processor.PartitionProcessor` per ``events.raw`` partition (events routed by
-device, as the collector keys them), the :class:`~streams.windows.SnapshotMerger` of the
+device, as the collector keys them), the :class:`~streams.merging.SnapshotMerger` of the
 metrics agent, and the :class:`~streams.agents.anomalies.AnomalyAgent` with the detector
 bank its settings describe -- on event time. It flushes at every hour boundary of event
 time, and the merger marks windows ``final`` as the worker's metrics stage does, so the
@@ -29,9 +29,9 @@ from streams.aggregators import compile_catalogue
 from streams.anomaly.series import DetectorBank
 from streams.catalogue import Catalogue, get_catalogue
 from streams.events import StreamEvent
+from streams.merging import SnapshotMerger
 from streams.periods import Period, PeriodCalendar
 from streams.processor import PartitionProcessor
-from streams.windows import SnapshotMerger
 from tidemark.demo.traffic import TrafficConfig, TrafficSimulator, uuid_text
 from tidemark.settings import Settings
 from tidemark.topics import EVENTS_RAW

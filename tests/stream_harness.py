@@ -10,10 +10,10 @@ from schemas.models import AnalyticsEvent
 from streams.aggregators import compile_catalogue
 from streams.catalogue import CATALOGUE, Catalogue
 from streams.events import StreamEvent
+from streams.merging import SnapshotMerger
 from streams.periods import PeriodCalendar
 from streams.processor import PartitionProcessor
 from streams.sketches import DEFAULT_EXACT_LIMIT
-from streams.windows import SnapshotMerger
 
 
 class LocalPipeline:

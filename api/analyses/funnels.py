@@ -33,8 +33,15 @@ Times to convert come from one attempt per person that reaches their level (for 
 funnels a ``throwIf`` guards that its length equals ``windowFunnel``'s level; for ordered ones
 the tests compare the two, and the attempt alone is computed, which halves the cost):
 
-- ordered: the earliest step-1 event from which the level is reached, each next step being
-  the first matching event at or after the previous step (array functions per step);
+- ordered: an attempt starts at a step-1 event and takes, for each next step, the first
+  matching event at or after the previous step. The attempt reported is the **first to
+  reach the person's level** (its last step is the earliest), and of attempts reaching it
+  on that same event, the one with the latest start -- PostHog's rule. So a step-1 event
+  repeated before the next step restarts the clock: for steps ``A, B`` and events
+  ``A 09:00, A 09:10, B 09:30`` the time to convert is 20 minutes, not 30; with
+  ``A 09:00, B 09:05, A 09:10, B 09:12`` it is 5 minutes (the first conversion). Step-to-step
+  times come from the same attempt. A person who reached step 1 only is measured from their
+  first step-1 event (exclusions use it);
 - strict: the latest attempt that reached the level, replayed with ``arrayFold`` by the same
   rules as ``strict_order``;
 - unordered: the earliest window start with the most distinct steps.
@@ -59,12 +66,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.analyses.query import PropertyFilter, SQLBuilder, TimeRange, run
+from api.analyses.query import ANY_EVENT, PropertyFilter, SQLBuilder, TimeRange, run
 
 FunnelOrder = Literal["ordered", "strict", "unordered"]
 
 #: windowFunnel handles at most 32 conditions.
 MAX_STEPS = 32
+#: A person's step events are ``time_ms * STEP_SLOTS + step`` in one UInt64 array, so that one
+#: numeric sort orders them by time and, within a millisecond, by step (step 0 is any other
+#: event, for strict funnels); every step number fits below it.
+STEP_SLOTS = 64
 
 
 class FunnelStep(BaseModel):
@@ -187,7 +198,7 @@ def _per_person_sql(
     filters: tuple[PropertyFilter, ...],
     cohort_id: str | None,
 ) -> str:
-    """One row per person: level, the attempt's step times, breakdown value, excluded flag."""
+    """One row per person: level, the attempt's step times (``chain``), breakdown value, excluded flag."""
     n = len(definition.steps)
     window = q.param(definition.window_ms, "UInt64")
     step_conds = [q.event_condition(s.event_name, s.filters + filters) for s in definition.steps]
@@ -199,6 +210,11 @@ def _per_person_sql(
     )
     row_cols = ", ".join(f"toUInt8({c}) AS s{i}" for i, c in enumerate(step_conds, 1))
     excl_cols = "".join(f", toUInt8({c}) AS x{j}" for j, c in enumerate(excl_conds, 1))
+    names = {s.event_name for s in definition.steps}
+    one_step_a_row = len(names) == n and ANY_EVENT not in names
+    if one_step_a_row:
+        # Each step names another event, so an event matches one step at most: one entry a row.
+        row_cols += ", multiIf(" + ", ".join(f"s{k} = 1, {k}" for k in range(1, n + 1)) + ", 0) AS step"
     where = [q.time_range(time_range), q.in_cohort(cohort_id)]
     if definition.order != "strict":
         # Strict funnels must see every event (any other event ends the attempt).
@@ -207,13 +223,25 @@ def _per_person_sql(
         f"SELECT person_id, toUInt64(toUnixTimestamp64Milli(timestamp)) AS t, {row_cols}{excl_cols}, {bv} AS bv "
         f"FROM events_resolved WHERE {' AND '.join(where)}"
     )
-    flags = "[" + ", ".join(f"s{i}" for i in range(1, n + 1)) + "]"
-    matched = f"arrayFilter(i -> {flags}[i] = 1, range(1, {n + 1}))"
-    if definition.order == "strict":
-        matched = f"if(empty({matched}), [0], {matched})"
-    entries = f"arraySort(groupArrayArray(arrayMap(i -> (t, toUInt8(i)), {matched}))) AS entries"
+    # Step 0 is any other event: strict funnels keep it (it ends the attempt), others drop it.
+    if one_step_a_row:
+        packed = f"t * {STEP_SLOTS} + step"
+        entries = f"groupArray({packed})" if definition.order == "strict" else f"groupArrayIf({packed}, step != 0)"
+    else:
+        flags = "[" + ", ".join(f"s{k}" for k in range(1, n + 1)) + "]"
+        matched = f"arrayFilter(k -> {flags}[k] = 1, range(1, {n + 1}))"
+        if definition.order == "strict":
+            matched = f"if(empty({matched}), [0], {matched})"
+        entries = f"groupArrayArray(arrayMap(k -> t * {STEP_SLOTS} + k, {matched}))"
     conds = ", ".join(f"s{i} = 1" for i in range(1, n + 1))
+    breakdown_value = "argMinIf(bv, (t, bv), s1 = 1)" if definition.breakdown is not None else "''"
+    aggregates = [f"{window} AS w", f"arraySort({entries}) AS packed", f"{breakdown_value} AS breakdown_value"]
+    aggregates += [f"groupArrayIf(t, x{j} = 1) AS xs{j}" for j in range(1, len(excl_conds) + 1)]
+    # Replays and windows of strict and unordered funnels read (time, step) pairs.
+    def as_pairs(events: str) -> str:
+        return f"arrayMap(x -> (intDiv(x, {STEP_SLOTS}), toUInt8(x % {STEP_SLOTS})), {events}) AS entries"
 
+    layers: list[list[str]]
     if definition.order == "unordered":
         in_window = "e.1 >= a AND e.1 <= a + w"
         candidates = (
@@ -221,23 +249,32 @@ def _per_person_sql(
             f"{in_window}, entries))), arrayDistinct(arrayMap(e -> e.2, arrayFilter(e -> {in_window}, entries))))), "
             "arrayMap(e -> e.1, entries))"
         )
-        chain = "arrayFirst(c -> length(c) = arrayMax(arrayMap(c -> length(c), cand)), cand)"
-        level_cols = (
-            f"{entries}, {candidates} AS cand, {chain} AS chain, toUInt8(length(chain)) AS level, toUInt8(0) AS guard"
-        )
+        layers = [
+            [as_pairs("packed")],
+            [f"{candidates} AS cand"],
+            ["arrayFirst(c -> length(c) = arrayMax(arrayMap(c -> length(c), cand)), cand) AS chain"],
+            ["toUInt8(length(chain)) AS level", "toUInt8(0) AS guard"],
+        ]
     elif definition.order == "strict":
-        level_cols = (
-            f"{entries}, windowFunnel({definition.window_ms}, 'strict_order')(t, {conds}) AS wf_level, "
-            f"{_attempt_fold(n)} AS fold, "
-            "arrayFilter(c -> notEmpty(c), fold.3) AS reached, "
-            "if(empty(reached), CAST([] AS Array(UInt64)), reached[-1]) AS chain, "
-            "toUInt8(length(chain)) AS level, "
-            "throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"
-        )
+        aggregates.append(f"windowFunnel({definition.window_ms}, 'strict_order')(t, {conds}) AS wf_level")
+        m = STEP_SLOTS
+        # The replay skips every event before the first step-1 event and stops at the first other
+        # event after it, so it only folds over the run between them (a few events, not all).
+        layers = [
+            [f"arrayFirstIndex(x -> x % {m} = 1, packed) AS first_start"],
+            ["if(first_start = 0, CAST([] AS Array(UInt64)), arraySlice(packed, first_start)) AS from_start"],
+            [f"arrayFirstIndex(x -> x % {m} = 0, from_start) AS first_other"],
+            ["if(first_other = 0, from_start, arraySlice(from_start, 1, first_other - 1)) AS run"],
+            [as_pairs("run")],
+            [f"{_attempt_fold(n)} AS fold"],
+            ["arrayFilter(c -> notEmpty(c), fold.3) AS reached"],
+            ["if(empty(reached), CAST([] AS Array(UInt64)), reached[-1]) AS chain"],
+            ["toUInt8(length(chain)) AS level"],
+            ["throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"],
+        ]
     else:
-        greedy = _greedy_attempts(n, definition.window_ms)
-        level_cols = f"{greedy}, toUInt8(length(chain)) AS level, toUInt8(0) AS guard"
-    excl_arrays = "".join(f", groupArrayIf(t, x{j} = 1) AS xs{j}" for j in range(1, len(excl_conds) + 1))
+        layers = _ordered_attempts(n)
+        layers.append(["toUInt8(0) AS guard"])
     excluded_terms = []
     for j, x in enumerate(definition.exclusions, 1):
         a, b = x.from_step, x.to_step
@@ -245,43 +282,87 @@ def _per_person_sql(
             f"(level >= {a} AND arrayExists(v -> v > chain[{a}] AND "
             f"if(level >= {b}, v < chain[{b}], v <= chain[1] + w), xs{j}))"
         )
-    excluded = " OR ".join(excluded_terms) or "0"
-    breakdown_value = "argMinIf(bv, (t, bv), s1 = 1)" if definition.breakdown is not None else "''"
+    layers.append([f"toUInt8({' OR '.join(excluded_terms) or '0'}) AS excluded"])
+    grouped = f"SELECT person_id, {', '.join(aggregates)} FROM ({rows}) GROUP BY person_id"
     return (
-        f"SELECT person_id, {window} AS w, {level_cols}, "
-        f"{breakdown_value} AS breakdown_value{excl_arrays}, toUInt8({excluded}) AS excluded "
-        f"FROM ({rows}) GROUP BY person_id"
+        "SELECT person_id, level, chain, guard, breakdown_value, excluded "
+        f"FROM ({_stacked(grouped, layers)})"
     )
 
 
-def _greedy_attempts(n: int, window_ms: int) -> str:
-    """Ordered funnels: for every step-1 event, the earliest chain of later steps within its window.
+def _stacked(base: str, layers: list[list[str]]) -> str:
+    """``base`` with each layer's columns added on top of the columns before, one subquery a layer.
 
-    ``c{k}[i]`` is the time of step ``k`` in the attempt starting at the ``i``-th step-1 event
-    (0 when it never got there): the first step-``k`` event at or after step ``k - 1`` and
-    within ``start + window``. Taking the earliest next step is optimal for a fixed start, so
-    the best attempt's length equals ``windowFunnel``'s level (the tests check it); the
-    attempt reported is the earliest start reaching that level. Column-wise array functions,
-    one per step, keep this fast (no per-event fold).
+    Why subqueries: within one SELECT, ClickHouse's analyzer replaces every use of an alias
+    by a copy of its expression tree. Attempt columns use the previous step's columns several
+    times over, so one SELECT's tree grew exponentially with the steps, and planning a 5-step
+    funnel took about 0.4 s before it read a row. A subquery's column is one node to the query
+    above it (its name in the plan still spells the whole expression: see ``_series_columns``).
     """
-    cols = [f"arraySort(groupArrayIf(t, s{k} = 1)) AS T{k}" for k in range(1, n + 1)]
-    # Most people stop at step 1: only their first start matters, so skip the per-start work.
-    # (Without a step-2 event at or after the first step-1 event, no start gets past step 1.)
-    cols.append("if(notEmpty(T2) AND T2[-1] >= T1[1], T1, arraySlice(T1, 1, 1)) AS c1")  # funnels have >= 2 steps
-    for k in range(2, n + 1):
-        cols.append(
-            f"arrayMap((s, p) -> if(p = 0, toUInt64(0), "
-            f"arrayFirst(x -> x >= p AND x <= s + {int(window_ms)}, T{k})), c1, c{k - 1}) AS c{k}"
-        )
-    args = ", ".join(f"c{k}" for k in range(2, n + 1))
-    lambda_args = ", ".join(f"v{k}" for k in range(2, n + 1))
-    reached = " + ".join(f"toUInt8(v{k} != 0)" for k in range(2, n + 1))
-    cols.append(f"arrayMap(({lambda_args}) -> toUInt8(1 + {reached}), {args}) AS levels")
-    cols.append("if(empty(levels), toUInt8(0), arrayMax(levels)) AS best")
-    cols.append("indexOf(levels, best) AS best_start")
-    steps = ", ".join(f"c{k}[best_start]" for k in range(1, n + 1))
-    cols.append(f"if(best = 0, CAST([] AS Array(UInt64)), arraySlice([{steps}], 1, best)) AS chain")
-    return ", ".join(cols)
+    sql = base
+    for columns in layers:
+        sql = f"SELECT *, {', '.join(columns)} FROM ({sql})"
+    return sql
+
+
+def _ordered_attempts(n: int) -> list[list[str]]:
+    """Ordered funnels: a person's level and the step times of the attempt reported, from ``packed``.
+
+    ``packed`` holds the person's step events sorted by (time, step). An attempt starts at a
+    step-1 event and takes, for each next step, the first event of that step at or after the
+    previous step and at most ``start + window`` (taking the earliest is optimal for a fixed
+    start, so the best attempt reaches ``windowFunnel``'s level; the tests compare them).
+
+    Only starts directly followed, among the step-1 and step-2 events, by a step-2 event are
+    tried (a handful per person rather than every step-1 event). A start followed by
+    another step-1 event first is dominated by that later one: both take the same step-2
+    event and so the same later steps, and the later one has more of its window left and
+    a shorter time to convert. Among the attempts reaching the person's level, the one
+    reported is the first to get there (its last step is the earliest) and, of those ending
+    on that same event, the one with the latest start: the attempt a replay of the events
+    in order keeps (the module docstring; the plain-Python reference replays it). A person
+    whose level is 1 reports their first step-1 event.
+
+    ``c{k}[i]`` is the time of step ``k`` of the ``i``-th start (0 once it fell short); each
+    step is looked up in ``packed`` itself (a bound on packed values selects the step and
+    the time span), which costs less than splitting it into one time array a step first.
+    """
+    m = STEP_SLOTS
+    start_then_2 = f"x % {m} = 1 AND y % {m} = 2"
+    layers = [
+        [
+            f"arrayFilter(x -> x % {m} <= 2, packed) AS steps12",  # packed holds steps 1..n only
+            f"intDiv(arrayFirst(x -> x % {m} = 1, packed), {m}) AS first1",
+        ],
+        ["arrayShiftLeft(steps12, 1) AS after12"],
+        [
+            f"arrayMap(x -> intDiv(x, {m}), arrayFilter((x, y) -> {start_then_2}, steps12, after12)) AS c1",
+            f"arrayMap(y -> intDiv(y, {m}), arrayFilter((y, x) -> {start_then_2}, after12, steps12)) AS next2",
+        ],
+        ["arrayMap((s, y) -> if(y <= s + w, y, 0), c1, next2) AS c2"],
+    ]
+    for k in range(3, n + 1):
+        # Step k at or after p, at most s + w: packed values in [p * m, (s + w) * m + m - 1] of step k.
+        found = f"arrayFirst(x -> x % {m} = {k} AND x >= p * {m} AND x <= (s + w) * {m} + {m - 1}, packed)"
+        layers.append([f"arrayMap((s, p) -> if(p = 0, toUInt64(0), intDiv({found}, {m})), c1, c{k - 1}) AS c{k}"])
+    # One tuple per start, ordered as the attempt to report should win: the highest level, then
+    # the earliest last step (steps only grow along an attempt, so its last step is the
+    # greatest), then the latest start; its step times ride along. The first step-1 event
+    # alone is one more candidate, winning among attempts that never got past step 1.
+    lambda_args = ", ".join(f"v{k}" for k in range(1, n + 1))
+    level = "toUInt8(1 + " + " + ".join(f"(v{k} != 0)" for k in range(2, n + 1)) + ")"
+    last = f"greatest({', '.join(f'v{k}' for k in range(2, n + 1))})" if n > 2 else "v2"
+    ranked = f"({level}, -toInt64({last}), v1, arraySlice([{lambda_args}], 1, {level}))"
+    first_only = (
+        "(toUInt8(first1 != 0), toInt64(0), toUInt64(18446744073709551615), arraySlice([first1], 1, first1 != 0))"
+    )
+    args = ", ".join(f"c{k}" for k in range(1, n + 1))
+    layers += [
+        [f"arrayPushBack(arrayMap(({lambda_args}) -> {ranked}, {args}), {first_only}) AS attempts"],
+        ["arrayMax(attempts).4 AS chain"],
+        ["toUInt8(length(chain)) AS level"],
+    ]
+    return layers
 
 
 def _attempt_fold(n: int) -> str:
@@ -311,23 +392,46 @@ def _attempt_fold(n: int) -> str:
     return f"arrayFold((acc, e) -> {body}, entries, {init})"
 
 
-def _series_columns(n: int) -> str:
-    """Aggregates over per-person rows: counts per step, times between steps and overall.
+def _series_columns(n: int, mode: Literal["", "State", "Merge"] = "") -> str:
+    """Aggregates over per-person rows: people per step, times between steps and overall.
 
-    Excluded people are left out of every step (they are counted apart).
+    Excluded people are left out of every step (they are counted apart). ``kept`` is a
+    person's step times (empty when excluded) and ``gaps`` the seconds between them, so the
+    ``k``-th element of a ``-ForEach`` aggregate is over the people who reached step ``k``
+    (``k + 1`` for gaps). Arrays past the furthest step anyone reached are shorter.
+    Few references to the per-person columns keep the plan small: ClickHouse names every
+    column by its whole expression, so each reference copies the attempts' text.
+
+    ``mode`` "State" gives the aggregates' states (as ``state_<name>``), and "Merge"
+    combines such states: a breakdown merges the values outside its top ones into "Other".
     """
-    def reached(k: int) -> str:
-        return f"excluded = 0 AND level >= {k}"
+    total = f"toFloat64(kept[{n}] - kept[1]) / 1000"
+    complete = f"length(kept) = {n}"
+    aggregates = (
+        ("counts", "countForEach", "", "kept"),
+        ("means", "avgForEach", "", "gaps"),
+        ("quantiles", "quantilesExactInclusiveForEach", "(0.5, 0.9)", "gaps"),
+        ("mean_total", "avgIf", "", f"{total}, {complete}"),
+        ("q_total", "quantilesExactInclusiveIf", "(0.5, 0.9)", f"{total}, {complete}"),
+    )
+    if mode == "State":
+        return ", ".join(f"{f}State{p}({args}) AS state_{name}" for name, f, p, args in aggregates)
+    return ", ".join(
+        f"{f}{mode}{p}({f'state_{name}' if mode else args}) AS {name}" for name, f, p, args in aggregates
+    )
 
-    cols = ["[" + ", ".join(f"countIf({reached(k)})" for k in range(1, n + 1)) + "] AS counts"]
-    for k in range(2, n + 1):
-        diff = f"(toFloat64(chain[{k}]) - toFloat64(chain[{k - 1}])) / 1000"
-        cols.append(f"avgIf({diff}, {reached(k)}) AS mean{k}")
-        cols.append(f"quantilesExactInclusiveIf(0.5, 0.9)({diff}, {reached(k)}) AS q{k}")
-    total = f"(toFloat64(chain[{n}]) - toFloat64(chain[1])) / 1000"
-    cols.append(f"avgIf({total}, {reached(n)}) AS mean_total")
-    cols.append(f"quantilesExactInclusiveIf(0.5, 0.9)({total}, {reached(n)}) AS q_total")
-    return ", ".join(cols)
+
+#: Columns of a row of :func:`_series_columns`.
+_SERIES_NAMES = ("counts", "means", "quantiles", "mean_total", "q_total")
+
+
+def _with_gaps(per_person: str, where: str) -> str:
+    """``per_person`` rows passing ``where``, with the ``kept`` and ``gaps`` that :func:`_series_columns` reads."""
+    return (
+        "SELECT *, if(excluded = 0, chain, CAST([] AS Array(UInt64))) AS kept, "
+        "arrayMap(d -> toFloat64(d) / 1000, arrayPopFront(arrayDifference(kept))) AS gaps "
+        f"FROM ({per_person}) WHERE {where}"
+    )
 
 
 def _conversion_time(mean: Any, quantiles: Any, count: int) -> ConversionTime:
@@ -338,7 +442,7 @@ def _conversion_time(mean: Any, quantiles: Any, count: int) -> ConversionTime:
 
 def _series(definition: FunnelDefinition, row: dict[str, Any]) -> FunnelSeries:
     n = len(definition.steps)
-    counts = [int(c) for c in row["counts"]]
+    counts = [int(c) for c in row["counts"]] + [0] * (n - len(row["counts"]))
     steps = []
     for k in range(1, n + 1):
         count, prev = counts[k - 1], counts[k - 2] if k > 1 else counts[0]
@@ -351,7 +455,9 @@ def _series(definition: FunnelDefinition, row: dict[str, Any]) -> FunnelSeries:
                 conversion_from_previous=count / prev if prev else 0.0,
                 dropped=prev - count if k > 1 else 0,
                 time_from_previous=(
-                    _conversion_time(row[f"mean{k}"], row[f"q{k}"], count) if k > 1 else ConversionTime()
+                    _conversion_time(row["means"][k - 2], row["quantiles"][k - 2], count)
+                    if k > 1 and count
+                    else ConversionTime()
                 ),
             )
         )
@@ -374,17 +480,10 @@ def compute_funnel(
     n = len(definition.steps)
     per_person = _per_person_sql(q, definition, time_range, tuple(filters), cohort_id)
     sql = (
-        f"WITH per_person AS ({per_person}) "
         f"SELECT {_series_columns(n)}, countIf(excluded = 1) AS excluded_people "
-        "FROM per_person WHERE guard = 0 AND (level >= 1 OR excluded = 1)"
+        f"FROM ({_with_gaps(per_person, 'guard = 0 AND (level >= 1 OR excluded = 1)')})"
     )
-    names = [
-        "counts",
-        *[c for k in range(2, n + 1) for c in (f"mean{k}", f"q{k}")],
-        "mean_total",
-        "q_total",
-        "excluded_people",
-    ]
+    names = [*_SERIES_NAMES, "excluded_people"]
     (row,) = run(client, sql, q)
     overall = _series(definition, dict(zip(names, row, strict=True)))
     result = FunnelResult(
@@ -412,14 +511,19 @@ def _breakdown(
     n = len(definition.steps)
     per_person = _per_person_sql(q, definition, time_range, filters, cohort_id)
     limit = q.param(definition.breakdown.limit, "UInt64")
-    cols = _series_columns(n)
+    # One pass over the people: aggregate states per value, then merge the values outside the
+    # top ones into "Other" (a second reference to the people would compute them again).
+    per_value = (
+        f"SELECT breakdown_value, count() AS people, {_series_columns(n, 'State')} "
+        f"FROM ({_with_gaps(per_person, 'level >= 1 AND excluded = 0 AND guard = 0')}) GROUP BY breakdown_value"
+    )
+    ranked = (
+        f"SELECT *, row_number() OVER (ORDER BY people DESC, breakdown_value) <= {limit} AS is_top "
+        f"FROM ({per_value})"
+    )
     sql = (
-        f"WITH per_person AS ({per_person}), "
-        f"top AS (SELECT breakdown_value FROM per_person WHERE level >= 1 AND excluded = 0 "
-        f"GROUP BY breakdown_value ORDER BY count() DESC, breakdown_value LIMIT {limit}) "
-        f"SELECT {cols}, 0 AS excluded_people, breakdown_value IN (SELECT breakdown_value FROM top) AS is_top, "
-        "if(is_top, breakdown_value, '') AS value "
-        "FROM per_person WHERE level >= 1 AND excluded = 0 AND guard = 0 "
+        f"SELECT {_series_columns(n, 'Merge')}, 0 AS excluded_people, is_top, "
+        f"if(is_top, breakdown_value, '') AS value FROM ({ranked}) "
         "GROUP BY is_top, value ORDER BY is_top DESC, counts[1] DESC, value"
     )
     out: list[FunnelBreakdownValue] = []
@@ -453,11 +557,11 @@ def funnel_people(
     per_person = _per_person_sql(q, definition, time_range, tuple(filters), cohort_id)
     cond = f"level >= {step}" if status == "reached" else f"level = {step}"
     lim, off = q.param(limit, "UInt64"), q.param(offset, "UInt64")
+    # The total is a window count over the same rows: a second reference to a CTE would
+    # compute the whole per-person query again. A page past the end has no row to carry it.
     sql = (
-        f"WITH per_person AS ({per_person}), chosen AS (SELECT person_id FROM per_person "
-        f"WHERE excluded = 0 AND guard = 0 AND {cond}) "
-        f"SELECT (SELECT count() FROM chosen) AS total, person_id FROM chosen "
-        f"ORDER BY person_id LIMIT {lim} OFFSET {off}"
+        f"SELECT count() OVER () AS total, person_id FROM ({per_person}) "
+        f"WHERE excluded = 0 AND guard = 0 AND {cond} ORDER BY person_id LIMIT {lim} OFFSET {off}"
     )
     rows = run(client, sql, q)
     total = int(rows[0][0]) if rows else _count_only(client, definition, time_range, filters, cohort_id, cond)

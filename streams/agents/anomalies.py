@@ -51,12 +51,13 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import Counter
 
 from schemas.anomaly import Anomaly
 from schemas.codec import SchemaError
 from schemas.streams import MetricSnapshot, metric_snapshot_codec, series_key_of
+from streams.agents import checkpoints
 from streams.agents.threaded import ConsumerThread, run_as_service
 from streams.anomaly.series import BankConfig, DetectorBank, anomaly_messages, series_key
 from streams.catalogue import Aggregation, Catalogue
@@ -337,56 +338,12 @@ class AnomalyAgent:
 
 def read_checkpoint(settings: Settings, timeout: float = 30.0) -> bytes | None:
     """The latest bank checkpoint on :func:`anomaly_state_topic` (``None`` when there is none yet)."""
-    topic = anomaly_state_topic(settings)
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "group.id": settings.group("anomaly-bank-restore"),
-        "enable.auto.commit": False,
-        "fetch.message.max.bytes": 64 * 1024 * 1024,
-        "receive.message.max.bytes": 65 * 1024 * 1024,
-    })
-    try:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
-        if high <= low:
-            return None
-        consumer.assign([TopicPartition(topic, 0, low)])
-        latest: bytes | None = None
-        position = low
-        while position < high:
-            message = consumer.poll(timeout)
-            if message is None:
-                raise RuntimeError(f"could not read the anomaly checkpoint from {topic} within {timeout} s")
-            if message.error():
-                continue
-            position = message.offset() + 1
-            if message.key() == CHECKPOINT_KEY:
-                latest = message.value()
-        return latest
-    finally:
-        consumer.close()
+    return checkpoints.read_checkpoint(settings, anomaly_state_topic(settings), 0, CHECKPOINT_KEY, timeout)
 
 
-def ensure_state_topic(settings: Settings, max_message_bytes: int) -> None:
+def ensure_state_topic(settings: Settings) -> None:
     """Create the compacted checkpoint topic (one partition) unless it exists."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    name = anomaly_state_topic(settings)
-    if name in admin.list_topics(timeout=30).topics:
-        return
-    brokers = len(admin.list_topics(timeout=30).brokers)
-    topic = NewTopic(
-        name,
-        num_partitions=1,
-        replication_factor=1 if brokers < 3 else 3,
-        config={"cleanup.policy": "compact", "max.message.bytes": str(max_message_bytes)},
-    )
-    for future in admin.create_topics([topic], operation_timeout=30).values():
-        try:
-            future.result()
-        except Exception as exc:  # created concurrently: fine
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise
+    checkpoints.ensure_checkpoint_topic(settings, anomaly_state_topic(settings), 1)
 
 
 def build_anomaly_agent(
@@ -395,7 +352,6 @@ def build_anomaly_agent(
     publisher: Callable[[str], Callable[[bytes, bytes], None]],
     outputs_durable: Callable[[], None],
     ack: Callable[[Any], None],
-    max_checkpoint_bytes: int = 64 * 1024 * 1024,
     lanes: int = 1,
 ) -> AnomalyAgent:
     """The anomaly agent of a worker: bank from the settings, checkpoint on :func:`anomaly_state_topic`."""
@@ -406,7 +362,7 @@ def build_anomaly_agent(
     state_producer = Producer({
         "bootstrap.servers": settings.kafka_bootstrap,
         "enable.idempotence": True,
-        "message.max.bytes": max_checkpoint_bytes,
+        "message.max.bytes": checkpoints.MAX_CHECKPOINT_BYTES,
         "compression.type": "none",  # already compressed
     })
     state_topic = anomaly_state_topic(settings)
@@ -453,7 +409,6 @@ class AnomalyConsumer(ConsumerThread):
         catalogue: Catalogue,
         publisher: Callable[[str], Callable[[bytes, bytes], None]],
         outputs_durable: Callable[[], None],
-        max_checkpoint_bytes: int = 64 * 1024 * 1024,
         lanes: int = 1,
         batch_size: int = 5_000,
     ) -> None:
@@ -461,9 +416,8 @@ class AnomalyConsumer(ConsumerThread):
 
         group = f"{settings.topic_prefix}{settings.stream_app_id}-anomalies"
         super().__init__(settings, METRICS.name, group, batch_size)
-        self._to_commit: dict[int, int] = {}
         self.agent = build_anomaly_agent(
-            settings, catalogue, publisher, outputs_durable, self._acknowledged, max_checkpoint_bytes, lanes=lanes
+            settings, catalogue, publisher, outputs_durable, self._acknowledged, lanes=lanes
         )
 
     def _acknowledged(self, message: Any) -> None:
@@ -471,24 +425,13 @@ class AnomalyConsumer(ConsumerThread):
         if offset + 1 > self._to_commit.get(partition, -1):
             self._to_commit[partition] = offset + 1
 
-    def _commit(self, consumer: Consumer) -> None:
-        offsets = [TopicPartition(self.topic, partition, offset) for partition, offset in self._to_commit.items()]
-        if offsets:
-            consumer.commit(offsets=offsets, asynchronous=False)
-            self._to_commit.clear()
-
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not self._closing:
             self.agent.flush(force_checkpoint=True)
             self._commit(consumer)
 
     def _run(self) -> None:
-        consumer = Consumer({
-            "bootstrap.servers": self.settings.kafka_bootstrap,
-            "group.id": self.group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        })
+        consumer = self._consumer()
         # Judging touches every series and the checkpoint serialises the whole bank: at most once a second.
         flush_every = max(self.settings.stream_flush_seconds, 1.0)
         try:
@@ -496,13 +439,7 @@ class AnomalyConsumer(ConsumerThread):
             flushed_at = time.monotonic()
             on_message = self.agent.on_message
             while not self._stopping.is_set():
-                for message in consumer.consume(self.batch_size, timeout=0.2):
-                    error = message.error()
-                    if error is not None:
-                        if error.fatal():
-                            raise KafkaException(error)
-                        log.warning("Consumer error on %s: %s", self.topic, error)
-                        continue
+                for message in self._consume(consumer, 0.2):
                     on_message(message.value(), (message.partition(), message.offset()))
                 now = time.monotonic()
                 if now - flushed_at >= flush_every:
@@ -526,11 +463,10 @@ def register_anomaly_agent(
     catalogue: Catalogue,
     publisher: Callable[[str], Callable[[bytes, bytes], None]],
     outputs_durable: Callable[[], None],
-    max_message_bytes: int,
     lanes: int = 1,
 ) -> AnomalyAgent:
     """Run an :class:`AnomalyConsumer` as a service of the Faust ``app`` (a failure there stops the worker)."""
-    ensure_state_topic(settings, max_message_bytes)
-    anomalies = AnomalyConsumer(settings, catalogue, publisher, outputs_durable, max_message_bytes, lanes=lanes)
+    ensure_state_topic(settings)
+    anomalies = AnomalyConsumer(settings, catalogue, publisher, outputs_durable, lanes=lanes)
     run_as_service(app, anomalies, "anomaly consumer")
     return anomalies.agent

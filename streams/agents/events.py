@@ -4,8 +4,9 @@ For every partition of ``events.raw`` it holds a :class:`~streams.processor.Part
 (identity links, open sessions, open metric windows). Every ``stream_flush_seconds`` (or
 ``stream_flush_events`` events) a partition is *flushed*:
 
-1. changed sessions are published to ``sessions`` and changed windows to
-   ``metrics.partials`` (full values under a key, never deltas);
+1. changed sessions are published to ``sessions``, and changed windows to
+   ``metrics.partials``: one batch per lane, each partial the partition's full value of
+   a window (never a delta), then the partition's watermark;
 2. at most every ``CHECKPOINT_EVERY_SECONDS`` (or when ``stream_flush_events`` events
    wait), the outputs are made durable (the producer is flushed and every delivery
    confirmed), then the partition's whole state and the offset it reflects are written,
@@ -23,8 +24,7 @@ Why ``events.raw`` is read with librdkafka rather than through a Faust agent: Fa
 a stream one message at a time through its conductor, channels and event objects, which
 costs about 150 µs a message, so a Faust agent that does nothing at all tops out near 6,000
 events/s per worker; librdkafka hands over batches for about a microsecond a message. The
-consumer joins the group ``<prefix><stream_app_id>`` (the Faust agents downstream run in
-the group of :func:`streams.app.agents_app_id`), gets partitions by cooperative-sticky
+consumer joins the group ``<prefix><stream_app_id>``, gets partitions by cooperative-sticky
 assignment, restores a partition from its checkpoint when it is assigned and checkpoints
 and commits it when it is revoked.
 """
@@ -38,11 +38,12 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import Counter
 
-from schemas.streams import metric_partial_codec, session_codec
-from streams.agents.threaded import ConsumerThread
+from schemas.streams import metric_partial_batch_codec, session_codec
+from streams.agents.checkpoints import read_checkpoint
+from streams.agents.threaded import ConsumerThread, DurableProducer
 from streams.aggregators import MetricAggregator, encode_state
 from streams.events import StreamEvent
 from streams.periods import Period, PeriodCalendar
@@ -66,11 +67,13 @@ PUBLISH_EVERY = {Period.minute: 5.0, Period.hour: 10.0, Period.day: 30.0, Period
 # at most this often, or when ``stream_flush_events`` events wait. A crash replays since then.
 CHECKPOINT_EVERY_SECONDS = 10.0
 
-FLUSHES = Counter("tidemark_stream_flushes_total", "Partition checkpoints (publish + checkpoint + commit).")
 
-# A checkpoint is one message (that is what makes it atomic); a busy partition's open windows can
-# weigh megabytes, so the checkpoint topic and its producer take messages this large.
-MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
+def publish_every(settings: Settings) -> dict[Period, float]:
+    """Seconds between publications of a changed open window, per period (stages one and two alike)."""
+    return {period: min(seconds, settings.stream_republish_max_seconds) for period, seconds in PUBLISH_EVERY.items()}
+
+
+FLUSHES = Counter("tidemark_stream_flushes_total", "Partition checkpoints (publish + checkpoint + commit).")
 
 
 def session_record(session: SessionWindow) -> dict[str, Any]:
@@ -97,8 +100,8 @@ def session_record(session: SessionWindow) -> dict[str, Any]:
     }
 
 
-def partial_record(partial: MetricPartial) -> dict[str, Any]:
-    """The ``metric_partial.avsc`` record of a partial."""
+def partial_entry(partial: MetricPartial) -> dict[str, Any]:
+    """A partial as an entry of a ``metric_partial_batch.avsc`` record (its state as JSON)."""
     return {
         "metric": partial.metric,
         "period": partial.period.value,
@@ -106,23 +109,8 @@ def partial_record(partial: MetricPartial) -> dict[str, Any]:
         "periodEnd": partial.period_end,
         "dimension": partial.dimension,
         "dimensionValue": partial.dimension_value,
-        "partition": partial.partition,
-        "watermark": partial.watermark,
-        "state": orjson.dumps(encode_state(partial.state)).decode(),
+        "state": orjson.dumps(encode_state(partial.state)),
     }
-
-
-def watermark_record(partition: int, watermark: int) -> dict[str, Any]:
-    """A ``metric_partial.avsc`` record carrying a partition's watermark alone (``metric`` empty)."""
-    return {
-        "metric": "", "period": "minute", "periodStart": 0, "periodEnd": 0, "dimension": "",
-        "dimensionValue": "", "partition": partition, "watermark": watermark, "state": "null",
-    }
-
-
-def window_key_text(metric: str, dimension: str, value: str, period: str, start: int) -> str:
-    """The text key of a window on ``metrics.partials`` (all partitions' partials of a window meet)."""
-    return f"{metric}|{period}|{start}|{dimension}|{value}"
 
 
 def checkpoint_topic(settings: Settings) -> str:
@@ -136,45 +124,14 @@ def checkpoint_key(partition: int) -> bytes:
 
 
 def read_partition_checkpoint(settings: Settings, partition: int, timeout: float = 30.0) -> bytes | None:
-    """The latest checkpoint of source ``partition`` (``None`` when it has none yet).
-
-    Only the partition's owner writes its checkpoint partition, so the newest message
-    there is the newest checkpoint (compaction keeps the newest message of every key).
-    """
-    topic = checkpoint_topic(settings)
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "group.id": settings.group("partition-checkpoint-restore"),
-        "enable.auto.commit": False,
-        "fetch.message.max.bytes": MAX_CHECKPOINT_BYTES,
-        "receive.message.max.bytes": MAX_CHECKPOINT_BYTES + 1024 * 1024,
-    })
-    try:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
-        if high <= low:
-            return None
-        start = max(low, high - 1)
-        consumer.assign([TopicPartition(topic, partition, start)])
-        key, latest, position = checkpoint_key(partition), None, start
-        deadline = time.monotonic() + timeout
-        while position < high:
-            message = consumer.poll(max(0.0, deadline - time.monotonic()))
-            if message is None:
-                raise RuntimeError(f"could not read the checkpoint of partition {partition} within {timeout} s")
-            if message.error():
-                continue
-            position = message.offset() + 1
-            if message.key() == key and message.value():
-                latest = message.value()
-        return latest
-    finally:
-        consumer.close()
+    """The latest checkpoint of source ``partition`` (``None`` when it has none yet)."""
+    return read_checkpoint(settings, checkpoint_topic(settings), partition, checkpoint_key(partition), timeout)
 
 
 class EventsAgent:
     """Stage one of the stream: per-partition state, flushed, checkpointed and committed together.
 
-    ``publish_session``, ``publish_partial`` and ``save_checkpoint`` are the three ways
+    ``publish_session``, ``publish_partials`` and ``save_checkpoint`` are the three ways
     out; ``commit(partition, offset)`` is told that the partition's events up to
     ``offset`` are reflected in a durable checkpoint (Kafka topics in the worker; plain
     callables in the benchmark).
@@ -185,7 +142,7 @@ class EventsAgent:
         settings: Settings,
         aggregators: dict[str, MetricAggregator],
         publish_session: Callable[[bytes, bytes], None],
-        publish_partial: Callable[[bytes, bytes, int], None],
+        publish_partials: Callable[[bytes, bytes, int], None],
         save_checkpoint: Callable[[int, bytes], None],
         load_checkpoint: Callable[[int], bytes | None],
         commit: Callable[[int, int], None],
@@ -201,7 +158,7 @@ class EventsAgent:
         self.gap = timedelta(minutes=settings.session_inactivity_minutes)
         self.max_length = timedelta(minutes=settings.session_max_length_minutes)
         self.publish_session = publish_session
-        self.publish_partial = publish_partial  # (key, value, lane): a series' partials all go to its lane
+        self.publish_partials = publish_partials  # (key, value, lane): a series' partials all go to its lane
         self.partial_lanes = partial_lanes
         self.save_checkpoint = save_checkpoint
         self.load_checkpoint = load_checkpoint
@@ -219,9 +176,9 @@ class EventsAgent:
         self._checkpointed_at: dict[int, float] = {}
         # Serialising a partition's state costs milliseconds to seconds: not at every flush.
         self.checkpoint_seconds = CHECKPOINT_EVERY_SECONDS
-        self.republish_max_seconds = settings.stream_republish_max_seconds
         self._session_codec = session_codec()
-        self._partial_codec = metric_partial_codec()
+        self._partial_codec = metric_partial_batch_codec()
+        self._lanes: dict[tuple[Any, ...], int] = {}  # (metric, period, dimension, value) -> its lane
         self._announced: dict[int, int] = {}  # partition -> watermark announced to every lane
 
     def processor(self, partition: int) -> PartitionProcessor:
@@ -236,9 +193,7 @@ class EventsAgent:
                 session_gap=self.gap,
                 session_max_length=self.max_length,
             )
-            processor.metrics.publish_every = {
-                period: min(seconds, self.republish_max_seconds) for period, seconds in PUBLISH_EVERY.items()
-            }
+            processor.metrics.publish_every = publish_every(self.settings)
             blob = self.load_checkpoint(partition)
             if blob:
                 processor.restore(blob)
@@ -277,12 +232,7 @@ class EventsAgent:
         result = processor.flush(now=started)
         for session in result.sessions:
             self.publish_session(session.device_id.encode(), self._session_codec.encode(session_record(session)))
-        for partial in result.partials:  # carrying the watermark announced before this flush
-            key = window_key_text(partial.metric, partial.dimension, partial.dimension_value,
-                                  partial.period.value, partial.period_start)
-            lane = series_lane(partial.series_key, self.partial_lanes)
-            self.publish_partial(key.encode(), self._partial_codec.encode(partial_record(partial)), lane)
-        self._announce_watermark(partition, processor.metrics.watermark)
+        self._publish_partials(partition, result.partials, processor.metrics.watermark)
         self._count_applied()
         due = started - self._checkpointed_at.get(partition, -1e18) >= self.checkpoint_seconds
         if not (due or waiting >= self.flush_events or force_checkpoint):
@@ -307,21 +257,40 @@ class EventsAgent:
             time.monotonic() - started,
         )
 
-    def _announce_watermark(self, partition: int, watermark: int) -> None:
-        """Tell every lane how far the partition has got, once all of this flush's partials are out.
+    def _publish_partials(self, partition: int, partials: list[MetricPartial], watermark: int) -> None:
+        """Send every lane its share of the flush's partials, then the partition's new watermark, as one batch.
 
         A lane completes a window when every source partition's announced watermark passed
-        the window's end plus the grace. Announcing it after the flush's partials -- never on
-        a partial itself -- means a lane cannot complete a window whose last partial from
-        this partition is still behind in the same flush; and a lane this partition sent
-        nothing to still learns how far it has got.
+        the window's end plus the grace. The partials carry the watermark announced before
+        this flush; the one it reached is announced after them (``announced``), never on a
+        partial itself, so a lane cannot complete a window whose last partial from this
+        partition is still behind in the same flush. A lane this partition sent nothing
+        to still learns how far it has got.
         """
-        if watermark <= self._announced.get(partition, -1):
+        previous = self._announced.get(partition, -1)
+        by_lane: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        lanes, lane_of = self._lanes, self.partial_lanes
+        carried = previous
+        for partial in partials:
+            series = (partial.metric, partial.period, partial.dimension, partial.dimension_value)
+            lane = lanes.get(series)
+            if lane is None:
+                lane = lanes[series] = series_lane(partial.series_key, lane_of)
+            by_lane[lane].append(partial_entry(partial))
+            carried = partial.watermark
+        advanced = watermark > previous
+        if not (by_lane or advanced):
             return
-        self._announced[partition] = watermark
-        record = self._partial_codec.encode(watermark_record(partition, watermark))
+        key = str(partition).encode()
         for lane in range(self.partial_lanes):
-            self.publish_partial(f"watermark|{partition}".encode(), record, lane)
+            entries = by_lane.get(lane)
+            if entries is None and not advanced:
+                continue
+            record = {"partition": partition, "watermark": max(carried, 0), "announced": max(watermark, previous),
+                      "partials": entries or []}
+            self.publish_partials(key, self._partial_codec.encode(record), lane)
+        if advanced:
+            self._announced[partition] = watermark
 
     def flush_all(self) -> None:
         """Flush every partition (the periodic timer)."""
@@ -384,21 +353,13 @@ class EventsConsumer(ConsumerThread):
         # The group the stream worker has always consumed events.raw in (committed offsets carry over).
         super().__init__(settings, EVENTS_RAW.name, f"{settings.topic_prefix}{settings.stream_app_id}", batch_size)
         self._checkpoints = checkpoint_topic(settings)
-        self._delivery_failures: list[str] = []
-        self.producer = Producer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "enable.idempotence": True,
-            "linger.ms": 20,
-            "queue.buffering.max.messages": 1_000_000,
-            "message.max.bytes": MAX_CHECKPOINT_BYTES,
-            "on_delivery": self._delivered,
-        })
-        self._to_commit: dict[int, int] = {}
+        self.producer = DurableProducer(settings)
+        self.outputs_durable = self.producer.durable
         self.agent = EventsAgent(
             settings,
             aggregators,
-            publish_session=self._publisher(settings.topic(SESSIONS.name)),
-            publish_partial=self._publisher(partials_topic),
+            publish_session=self.producer.publisher(settings.topic(SESSIONS.name)),
+            publish_partials=self.producer.publisher(partials_topic),
             save_checkpoint=self._save_checkpoint,
             load_checkpoint=lambda partition: read_partition_checkpoint(settings, partition),
             commit=self._checkpointed,
@@ -406,49 +367,12 @@ class EventsConsumer(ConsumerThread):
             partial_lanes=partial_lanes,
         )
 
-    def outputs_durable(self) -> None:
-        """Wait until everything produced so far is delivered; raise if anything was not."""
-        if self.producer.flush(60) != 0:
-            raise RuntimeError("outputs were not delivered within 60 s; not checkpointing")
-        if self._delivery_failures:
-            raise RuntimeError(f"outputs were not delivered ({self._delivery_failures[0]}); not checkpointing")
-
-    def _delivered(self, error: KafkaError | None, message: Any) -> None:
-        if error is not None:
-            self._delivery_failures.append(f"{message.topic()}: {error}")
-
-    def _publisher(self, topic: str) -> Callable[..., None]:
-        produce, poll = self.producer.produce, self.producer.poll
-
-        def publish(key: bytes, value: bytes, partition: int = -1) -> None:
-            while True:
-                try:
-                    produce(topic, value, key, partition)  # -1: the default partitioner
-                    return
-                except BufferError:  # local queue full: let deliveries drain
-                    poll(0.05)
-
-        return publish
-
     def _save_checkpoint(self, partition: int, blob: bytes) -> None:
-        self.producer.produce(self._checkpoints, blob, checkpoint_key(partition), partition=partition)
+        self.producer.publisher(self._checkpoints)(checkpoint_key(partition), blob, partition)
         self.outputs_durable()
 
     def _checkpointed(self, partition: int, offset: int) -> None:
         self._to_commit[partition] = offset + 1
-
-    def _commit(self, consumer: Consumer, partitions: set[int] | None = None) -> None:
-        offsets = [
-            TopicPartition(self.topic, partition, offset)
-            for partition, offset in self._to_commit.items()
-            if partitions is None or partition in partitions
-        ]
-        if not offsets:
-            return
-        consumer.commit(offsets=offsets, asynchronous=False)
-        for tp in offsets:
-            if self._to_commit.get(tp.partition) == tp.offset:
-                del self._to_commit[tp.partition]
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions if tp.topic == self.topic}
@@ -470,13 +394,7 @@ class EventsConsumer(ConsumerThread):
 
     def _run(self) -> None:
         settings = self.settings
-        consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": self.group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky",
-        })
+        consumer = self._consumer()
         flush_every = settings.stream_flush_seconds
         commit_every = settings.stream_commit_seconds
         try:
@@ -484,13 +402,7 @@ class EventsConsumer(ConsumerThread):
             flushed_at = committed_at = time.monotonic()
             on_message = self.agent.on_message
             while not self._stopping.is_set():
-                for message in consumer.consume(self.batch_size, timeout=min(0.2, flush_every)):
-                    error = message.error()
-                    if error is not None:
-                        if error.fatal():
-                            raise KafkaException(error)
-                        log.warning("Consumer error on %s: %s", self.topic, error)
-                        continue
+                for message in self._consume(consumer, min(0.2, flush_every)):
                     on_message(message.partition(), message.offset(), message.value())
                 now = time.monotonic()
                 if now - flushed_at >= flush_every:

@@ -12,10 +12,62 @@ last checkpoint).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from streams.agents.checkpoints import MAX_CHECKPOINT_BYTES
 from tidemark.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class DurableProducer:
+    """A librdkafka producer whose every delivery is confirmed before what it sent counts as durable.
+
+    A stage publishes its outputs (and writes its checkpoint) through one of these, then
+    calls :meth:`durable` before it commits the offsets those outputs reflect.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._failures: list[str] = []
+        self.producer = Producer({
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "enable.idempotence": True,
+            "linger.ms": 20,
+            "queue.buffering.max.messages": 1_000_000,
+            "message.max.bytes": MAX_CHECKPOINT_BYTES,  # checkpoints are one message
+            "on_delivery": self._delivered,
+        })
+        self.poll = self.producer.poll
+
+    def _delivered(self, error: KafkaError | None, message: Any) -> None:
+        if error is not None:
+            self._failures.append(f"{message.topic()}: {error}")
+
+    def publisher(self, topic: str) -> Callable[..., None]:
+        """``publish(key, value, partition=-1)`` to ``topic`` (-1: by key), waiting while the local queue is full."""
+        produce, poll = self.producer.produce, self.producer.poll
+
+        def publish(key: bytes, value: bytes, partition: int = -1) -> None:
+            while True:
+                try:
+                    produce(topic, value, key, partition)
+                    return
+                except BufferError:  # local queue full: let deliveries drain
+                    poll(0.05)
+
+        return publish
+
+    def durable(self) -> None:
+        """Wait until everything produced so far is delivered; raise if anything was not."""
+        if self.producer.flush(60) != 0:
+            raise RuntimeError("outputs were not delivered within 60 s; not checkpointing")
+        if self._failures:
+            raise RuntimeError(f"outputs were not delivered ({self._failures[0]}); not checkpointing")
 
 
 class ConsumerThread:
@@ -32,6 +84,7 @@ class ConsumerThread:
         self._stopping = threading.Event()
         self._closing = False  # set once the loop is leaving: rebalance callbacks then only forget
         self._thread: threading.Thread | None = None
+        self._to_commit: dict[int, int] = {}  # partition -> offset to commit (what a durable checkpoint reflects)
 
     def start(self) -> None:
         """Start consuming (returns at once)."""
@@ -51,6 +104,43 @@ class ConsumerThread:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+    def _consumer(self) -> Consumer:
+        """A consumer of the group that commits only when told to, from the earliest offset the first time."""
+        return Consumer({
+            "bootstrap.servers": self.settings.kafka_bootstrap,
+            "group.id": self.group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+        })
+
+    def _consume(self, consumer: Consumer, timeout: float) -> list[Message]:
+        """The next batch of messages (errors logged and left out; a fatal one raised)."""
+        messages = consumer.consume(self.batch_size, timeout=timeout)
+        if any(message.error() is not None for message in messages):
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.fatal():
+                        raise KafkaException(error)
+                    log.warning("Consumer error on %s: %s", self.topic, error)
+            messages = [message for message in messages if message.error() is None]
+        return messages
+
+    def _commit(self, consumer: Consumer, partitions: set[int] | None = None) -> None:
+        """Commit the offsets marked in ``_to_commit`` (of ``partitions``, or all), synchronously."""
+        offsets = [
+            TopicPartition(self.topic, partition, offset)
+            for partition, offset in self._to_commit.items()
+            if partitions is None or partition in partitions
+        ]
+        if not offsets:
+            return
+        consumer.commit(offsets=offsets, asynchronous=False)
+        for tp in offsets:
+            if self._to_commit.get(tp.partition) == tp.offset:
+                del self._to_commit[tp.partition]
 
 
 def run_as_service(app: Any, consumer: ConsumerThread, what: str) -> None:

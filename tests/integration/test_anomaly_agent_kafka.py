@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, Producer
 from schemas.anomaly import Anomaly, AnomalyStatus, anomaly_codec
 from schemas.streams import MetricSnapshot, metric_snapshot_codec
 from streams.agents.anomalies import AnomalyAgent, build_anomaly_agent, ensure_state_topic, read_checkpoint
-from streams.agents.events import window_key_text
+from streams.agents.metrics import window_key_text
 from streams.catalogue import get_catalogue
 from tidemark.settings import Settings
 from tidemark.topics import ANOMALIES, METRICS
@@ -118,7 +118,7 @@ def settings(kafka_settings: Settings) -> Settings:
         "anomaly_dimensions": ["country"],
         "stream_grace_seconds": GRACE.total_seconds(),
     })
-    ensure_state_topic(configured, 1024 * 1024)
+    ensure_state_topic(configured)
     return configured
 
 

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from tidemark.tracker import Tracker
 
 from tests.fixtures.server import TidemarkServer, wait_until
 from tidemark.settings import Settings
+from tidemark.tracker import Tracker
 
 pytestmark = pytest.mark.integration
 

@@ -58,6 +58,35 @@ def test_window_edge_is_inclusive(ch_db):
     assert got.time_to_convert.median == pytest.approx(60.0)
 
 
+def test_time_range_is_half_open_to_the_millisecond(ch_db):
+    # Bounds inside days (the day is also bounded, to prune the sort key): [start, end) still
+    # decides alone, on both days.
+    start, end = at("2026-03-10 12:00:00"), at("2026-03-12 06:30:00")
+    ms = timedelta(milliseconds=1)
+    events = [
+        Event("a", start, user_id="inside"), Event("b", end - ms, user_id="inside"),
+        Event("a", start - ms, user_id="early"), Event("b", start + ms, user_id="early"),
+        Event("a", end - 2 * ms, user_id="late"), Event("b", end, user_id="late"),
+    ]
+    insert_events(ch_db, events)
+    definition = FunnelDefinition(name="range", steps=steps("a", "b"), window_seconds=3 * 86400)
+    got = compute_funnel(ch_db, definition, TimeRange(start=start, end=end))
+    want = funnel_reference(events, definition, start, end)
+    assert want["levels"] == {"inside": 2, "late": 1}
+    assert [s.count for s in got.steps] == want["counts"] == [2, 1]
+    # A range ending at midnight ends with the last millisecond of the day before.
+    midnight = at("2026-03-13 00:00:00")
+    last_day = [
+        Event("a", midnight - 2 * ms, user_id="by_midnight"), Event("b", midnight - ms, user_id="by_midnight"),
+        Event("a", midnight - ms, user_id="at_midnight"), Event("b", midnight, user_id="at_midnight"),
+    ]
+    insert_events(ch_db, last_day)
+    got = compute_funnel(ch_db, definition, TimeRange(start=end, end=midnight))
+    want = funnel_reference(events + last_day, definition, end, midnight)
+    assert want["levels"] == {"by_midnight": 2, "at_midnight": 1}
+    assert [s.count for s in got.steps] == want["counts"] == [2, 1]
+
+
 def test_same_millisecond_counts_as_in_order(ch_db):
     t0 = at("2026-03-02 10:00:00.123")
     events = [
@@ -131,6 +160,9 @@ def test_exclusions(ch_db):
         Event("a", t0, user_id="stuck"), Event("cancel", t0 + 5 * m, user_id="stuck"),
         # did not convert, cancelled after the window: kept
         Event("a", t0, user_id="outside"), Event("cancel", t0 + 90 * m, user_id="outside"),
+        # cancelled, then started again and converted: the attempt measured starts after the cancel
+        Event("a", t0, user_id="restarted"), Event("cancel", t0 + m, user_id="restarted"),
+        Event("a", t0 + 2 * m, user_id="restarted"), Event("b", t0 + 3 * m, user_id="restarted"),
     ]
     definition = FunnelDefinition(
         name="excl",
@@ -140,7 +172,7 @@ def test_exclusions(ch_db):
     )
     got, want = check(ch_db, events, definition)
     assert got.excluded == 2
-    assert want["levels"] == {"clean": 2, "after": 2, "outside": 1}
+    assert want["levels"] == {"clean": 2, "after": 2, "outside": 1, "restarted": 2}
 
 
 def _random_events(rng: random.Random, people: int = 120) -> list[Event]:
@@ -189,19 +221,51 @@ def test_random_paths_match_reference(ch_db, order):
     assert page.people == sorted(want["levels"])[5:10] and page.total == len(want["levels"])
 
 
-def test_times_come_from_the_earliest_start_that_converts(ch_db):
+@pytest.mark.parametrize("order", ["ordered", "strict", "unordered"])
+def test_events_matching_several_steps_match_reference(ch_db, order):
+    # Steps sharing an event name: one event can be two steps (and the same millisecond orders them).
+    rng = random.Random(17 + len(order))
+    events = _random_events(rng)
+    definition = FunnelDefinition(
+        name="shared",
+        steps=(
+            FunnelStep(name="view", event_name="view"),
+            FunnelStep(name="big", event_name="view", filters=(PropertyFilter(key="amount", operator="gt", value=6),)),
+            FunnelStep(name="cart", event_name="cart"),
+            FunnelStep(name="anything", event_name="$any"),
+        ),
+        window_seconds=3 * 3600,
+        order=order,
+    )
+    got, want = check(ch_db, events, definition)
+    assert got.steps[0].count > 20 and got.steps[-1].count > 0
+
+
+def test_times_come_from_the_first_attempt_to_reach_the_furthest_step(ch_db):
     t0 = at("2026-03-06 09:00:00")
-    s = timedelta(seconds=1)
+
+    def path(user: str, *steps_at: tuple[str, int]) -> list[Event]:
+        return [Event(name, t0 + timedelta(seconds=sec), user_id=user) for name, sec in steps_at]
+
     events = [
-        # two step-1 events before the step 2: the attempt measured starts at the first one
-        Event("a", t0, user_id="p"), Event("a", t0 + 10 * s, user_id="p"), Event("b", t0 + 30 * s, user_id="p"),
+        # a repeated step 1 restarts the attempt: measured from the last one before the step 2
+        *path("restart", ("a", 0), ("a", 10), ("b", 30), ("c", 40)),
         # the first start is too old for the window: the second one converts
-        Event("a", t0, user_id="q"), Event("a", t0 + 50 * s, user_id="q"), Event("b", t0 + 70 * s, user_id="q"),
+        *path("too_old", ("a", 0), ("a", 50), ("b", 70), ("c", 75)),
+        # the first attempt to finish is reported, not a later (shorter or not) one
+        *path("first_done", ("a", 0), ("b", 5), ("c", 8), ("a", 10), ("b", 12), ("c", 15)),
+        # two attempts finish on the same step-3 event: the later start (the shorter attempt)
+        *path("caught_up", ("a", 0), ("b", 5), ("a", 10), ("b", 12), ("c", 20)),
+        # a step 1 after the step 2 does not discard the attempt that moved on
+        *path("moved_on", ("a", 0), ("b", 5), ("a", 10), ("c", 20)),
     ]
-    definition = FunnelDefinition(name="times", steps=steps("a", "b"), window_seconds=60)
-    got, _ = check(ch_db, events, definition)
-    assert got.steps[1].count == 2
-    assert got.time_to_convert.mean == pytest.approx((30 + 20) / 2)
+    definition = FunnelDefinition(name="times", steps=steps("a", "b", "c"), window_seconds=60)
+    got, want = check(ch_db, events, definition)
+    assert set(want["levels"].values()) == {3} and got.steps[2].count == 5
+    # (restart, too_old, first_done, caught_up, moved_on)
+    assert got.steps[1].time_from_previous.mean == pytest.approx((20 + 20 + 5 + 2 + 5) / 5)
+    assert got.steps[2].time_from_previous.mean == pytest.approx((10 + 5 + 3 + 8 + 15) / 5)
+    assert got.time_to_convert.mean == pytest.approx((30 + 25 + 8 + 10 + 20) / 5)
 
 
 def test_ordered_levels_equal_clickhouse_window_funnel(ch_db):

@@ -1,7 +1,9 @@
-"""The stream worker's Kafka client (aiokafka, under Faust) reads what Tidemark's producers write.
+"""Faust's Kafka client (aiokafka) reads what Tidemark's producers write.
 
 The SDK and the collector compress with lz4; a consumer without the codec crashes on the
-first batch, so this reads an SDK-written topic back with aiokafka itself.
+first batch. The stream worker's stages read with librdkafka, but anything that consumes
+through its Faust app (an agent) goes through aiokafka: this reads an SDK-written topic
+back with aiokafka itself.
 """
 
 from __future__ import annotations

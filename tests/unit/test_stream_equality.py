@@ -230,8 +230,7 @@ def test_a_format_1_checkpoint_still_restores_and_continues_exactly() -> None:
         pipeline.processors[p].restore(base64.b64decode(blob))
         assert pipeline.processors[p].applied_offset == max(o for q, o, _ in log[: fixture["cut"]] if q == p)
     for metric, dim, value, period, start, end, partition, state in fixture["parts"]:
-        pipeline.merger.restore_window((metric, dim, value, Period(period), start), end,
-                                       {partition: decode_state(state)})
+        pipeline.merger.put((metric, dim, value, Period(period), start), end, partition, decode_state(state))
     pipeline.snapshots = {tuple(k): v for k, v in fixture["snapshots"]}
     pipeline.sessions = {}
     for n, (p, offset, event) in enumerate(log[fixture["cut"] - 30 :], 1):  # redelivered from before the checkpoint

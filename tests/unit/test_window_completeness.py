@@ -20,9 +20,10 @@ from streams.aggregators import compile_catalogue
 from streams.anomaly.series import BankConfig, DetectorBank
 from streams.catalogue import Catalogue, Source, get_catalogue
 from streams.events import StreamEvent
+from streams.merging import SnapshotMerger
 from streams.periods import Period, PeriodCalendar
 from streams.processor import PartitionProcessor
-from streams.windows import SnapshotMerger, series_lane
+from streams.windows import series_lane
 
 START = datetime(2026, 3, 2, tzinfo=UTC)
 HOUR_MS = 3_600_000
@@ -232,7 +233,7 @@ def test_without_finals_judging_falls_back_to_stream_time_after_a_stall() -> Non
 
 
 def test_metrics_agent_sends_a_window_once_per_flush_and_its_final_at_once() -> None:
-    from streams.agents.events import partial_record, watermark_record
+    from streams.agents.events import partial_entry
     from streams.agents.metrics import MetricsAgent
 
     pipeline = Pipeline(wait_for_final=True)  # its processors and catalogue; the agent replaces its merger
@@ -249,9 +250,11 @@ def test_metrics_agent_sends_a_window_once_per_flush_and_its_final_at_once() -> 
         processor = pipeline.processors[partition]
         for event in events:
             processor.process(event)
-        for partial in processor.flush().partials:
-            agent.on_partial(f"k{partial.period_start}", partial_record(partial), lane=3)
-        agent.on_partial("watermark", watermark_record(partition, processor.metrics.watermark), lane=3)
+        before = processor.metrics.announced
+        partials = [partial_entry(partial) for partial in processor.flush().partials]
+        batch = {"partition": partition, "watermark": before, "announced": processor.metrics.watermark,
+                 "partials": partials}
+        agent.on_batch(3, batch)
 
     run(0, signups(0, 0, 2))
     run(1, signups(1, 0, 1))
@@ -270,9 +273,8 @@ def test_a_lane_a_partition_sends_nothing_to_still_learns_its_watermark() -> Non
     """Stage one tells every lane how far each partition got, so lanes without its series complete too."""
     from schemas.codec import event_codec
     from schemas.models import AnalyticsEvent
-    from schemas.streams import metric_partial_codec
     from streams.agents.events import EventsAgent
-    from streams.agents.metrics import MetricsAgent
+    from streams.agents.metrics import MetricsAgent, decode_partial_batch
     from tidemark.settings import Settings
 
     aggregators = Pipeline(wait_for_final=True).merger.aggregators  # signups per hour only: one series, one lane
@@ -287,15 +289,14 @@ def test_a_lane_a_partition_sends_nothing_to_still_learns_its_watermark() -> Non
             finals.append(snapshot)
 
     merging = MetricsAgent(aggregators, keep_final, source_partitions=2, grace=GRACE)
-    partial_codec = metric_partial_codec()
     sent_to: list[int] = []
 
-    def publish_partial(key: bytes, value: bytes, to_lane: int) -> None:
+    def publish_partials(_key: bytes, value: bytes, to_lane: int) -> None:
         sent_to.append(to_lane)
-        merging.on_partial(key.decode(), partial_codec.decode(value), lane=to_lane)
+        merging.on_batch(to_lane, decode_partial_batch(value))
 
     stage = EventsAgent(Settings(stream_flush_events=10_000), aggregators, publish_session=lambda _k, _v: None,
-                        publish_partial=publish_partial, save_checkpoint=lambda _p, _b: None,
+                        publish_partials=publish_partials, save_checkpoint=lambda _p, _b: None,
                         load_checkpoint=lambda _p: None, commit=lambda _p, _o: None, partial_lanes=lanes)
     codec = event_codec()
     offsets = [0, 0]
@@ -322,9 +323,8 @@ def test_catching_up_on_demo_traffic_every_final_is_the_complete_value() -> None
     from collections import Counter
 
     from schemas.codec import event_codec
-    from schemas.streams import metric_partial_codec
     from streams.agents.events import EventsAgent
-    from streams.agents.metrics import MetricsAgent
+    from streams.agents.metrics import MetricsAgent, decode_partial_batch
     from tidemark.demo import TrafficConfig, generate_events
     from tidemark.settings import Settings
 
@@ -333,18 +333,18 @@ def test_catching_up_on_demo_traffic_every_final_is_the_complete_value() -> None
                                                  sessions_per_day=3000.0, seed=11, seasonality=0.0)))
     settings = Settings()
     aggregators = compile_catalogue(get_catalogue())
-    snapshot_codec, partial_codec = metric_snapshot_codec(), metric_partial_codec()
+    snapshot_codec = metric_snapshot_codec()
     out: list[MetricSnapshot] = []
 
     def publish_snapshot(_key: bytes, value: bytes, _lane: int) -> None:
         out.append(MetricSnapshot.from_avro(snapshot_codec.decode(value)))
 
-    def publish_partial(key: bytes, value: bytes, lane: int) -> None:
-        merging.on_partial(key.decode(), partial_codec.decode(value), lane)
+    def publish_partials(_key: bytes, value: bytes, lane: int) -> None:
+        merging.on_batch(lane, decode_partial_batch(value))
 
     merging = MetricsAgent(aggregators, publish_snapshot, source_partitions=6,
                            grace=timedelta(seconds=settings.stream_grace_seconds))
-    stage = EventsAgent(settings, aggregators, publish_session=lambda _k, _v: None, publish_partial=publish_partial,
+    stage = EventsAgent(settings, aggregators, publish_session=lambda _k, _v: None, publish_partials=publish_partials,
                         save_checkpoint=lambda _p, _b: None, load_checkpoint=lambda _p: None,
                         commit=lambda _p, _o: None, partial_lanes=6)
     codec = event_codec()
