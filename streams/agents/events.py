@@ -4,7 +4,8 @@ For every partition of ``events.raw`` it holds a :class:`~streams.processor.Part
 (identity links, open sessions, open metric windows). Every ``stream_flush_seconds`` (or
 ``stream_flush_events`` events) a partition is *flushed*:
 
-1. changed sessions are published to ``sessions``, and changed windows to
+1. changed sessions are published to ``sessions`` (an open one at most every
+   ``SESSION_PUBLISH_EVERY`` seconds, a closed one at once), and changed windows to
    ``metrics.partials``: one batch per lane, each partial the partition's full value of
    a window (never a delta), then the partition's watermark;
 2. at most every ``CHECKPOINT_EVERY_SECONDS`` (or when ``stream_flush_events`` events
@@ -62,6 +63,9 @@ LATE_EVENTS = Counter("tidemark_stream_late_events_total", "Events later than th
 # A changed window is re-published at most this often (seconds); a closing window at once. Partials
 # fan out (metrics x dimension values x periods), so this bounds the load on the metrics agent.
 PUBLISH_EVERY = {Period.minute: 5.0, Period.hour: 10.0, Period.day: 30.0, Period.week: 30.0, Period.month: 30.0}
+
+# An open session that keeps changing is re-published at most this often (seconds); a closed one at once.
+SESSION_PUBLISH_EVERY = 5.0
 
 # Outputs are published at every flush; the state is checkpointed (and the events acknowledged)
 # at most this often, or when ``stream_flush_events`` events wait. A crash replays since then.
@@ -180,6 +184,10 @@ class EventsAgent:
         self._partial_codec = metric_partial_batch_codec()
         self._lanes: dict[tuple[Any, ...], int] = {}  # (metric, period, dimension, value) -> its lane
         self._announced: dict[int, int] = {}  # partition -> watermark announced to every lane
+        # Changed open sessions wait for the next publication (see _publish_sessions).
+        self.session_publish_seconds = min(SESSION_PUBLISH_EVERY, settings.stream_republish_max_seconds)
+        self._sessions_waiting: dict[int, dict[str, SessionWindow]] = {}
+        self._sessions_published_at: dict[int, float] = {}
 
     def processor(self, partition: int) -> PartitionProcessor:
         """The partition's processor, restored from its checkpoint the first time it is needed."""
@@ -230,12 +238,12 @@ class EventsAgent:
             return
         started = time.monotonic()
         result = processor.flush(now=started)
-        for session in result.sessions:
-            self.publish_session(session.device_id.encode(), self._session_codec.encode(session_record(session)))
+        due = started - self._checkpointed_at.get(partition, -1e18) >= self.checkpoint_seconds
+        checkpoint = due or waiting >= self.flush_events or force_checkpoint
+        self._publish_sessions(partition, result.sessions, started, everything=checkpoint)
         self._publish_partials(partition, result.partials, processor.metrics.watermark)
         self._count_applied()
-        due = started - self._checkpointed_at.get(partition, -1e18) >= self.checkpoint_seconds
-        if not (due or waiting >= self.flush_events or force_checkpoint):
+        if not checkpoint:
             self._report_late(partition, processor)
             return  # published; checkpoint and commit wait for the next checkpoint
         self._checkpointed_at[partition] = started
@@ -256,6 +264,30 @@ class EventsAgent:
             partition, waiting, len(result.sessions), len(result.partials), result.expired_sessions,
             time.monotonic() - started,
         )
+
+    def _publish_sessions(self, partition: int, changed: list[SessionWindow], now: float, everything: bool) -> None:
+        """Publish closed sessions at once, open ones that changed at most every ``session_publish_seconds``.
+
+        An open session changes with nearly every flush while its device is active; its
+        latest version replaces the earlier ones downstream, so the versions in between
+        need not all be sent. Whatever waits is published before a checkpoint
+        (``everything``), so a restart never leaves a change unpublished.
+        """
+        waiting = self._sessions_waiting.setdefault(partition, {})
+        for session in changed:
+            waiting[session.session_id] = session
+        if not waiting:
+            return
+        if not everything and now - self._sessions_published_at.get(partition, -1e18) < self.session_publish_seconds:
+            closed = [sid for sid, session in waiting.items() if session.closed]
+            out = [waiting.pop(sid) for sid in closed]
+        else:
+            self._sessions_published_at[partition] = now
+            out = list(waiting.values())
+            waiting.clear()
+        publish, encode = self.publish_session, self._session_codec.encode
+        for session in out:
+            publish(session.device_id.encode(), encode(session_record(session)))
 
     def _publish_partials(self, partition: int, partials: list[MetricPartial], watermark: int) -> None:
         """Send every lane its share of the flush's partials, then the partition's new watermark, as one batch.
@@ -302,6 +334,7 @@ class EventsAgent:
         for partition in partitions:
             self.processors.pop(partition, None)
             self.consumed.pop(partition, None)
+            self._sessions_waiting.pop(partition, None)
             dropped = self.waiting.pop(partition, 0)
             self._checkpointed_at.pop(partition, None)
             if dropped:

@@ -171,3 +171,4 @@ def test_provisional_values_wait_for_their_period_and_survive_a_restore_unpublis
     assert second.publish_changed() == 1 and sent[-1] == (2.0, False)
     second.on_batch(0, batch(3, announced=3_600_000 + 300_000), offset=2)  # complete: final at once
     assert sent[-1] == (3.0, True) and second.publish_changed(now=200.0) == 0
+
