@@ -50,10 +50,12 @@ actor and *span*: 12 consecutive buckets, with a span starting every 6 buckets (
 ``last_seen`` map each bucket start of the span in which the actor was active to its first and
 last instant (``minMap``/``maxMap`` tuples of sorted keys and values).
 
-Why: a reader that needs 7 consecutive buckets (a 30-day range and the week before it) finds
-them all in one span, the one starting at or before the first of them within 6 buckets, so it
-reads one row per actor instead of one per actor and bucket and groups five times fewer rows.
-Longer ranges read every second span from that one on, which tile the range without overlap.
+Why: a reader that needs up to 7 consecutive buckets (a 30-day range and the week before it)
+finds them all in one span, the one starting at or before the first of them within 6 buckets,
+so it reads and groups one row per actor instead of one per actor and bucket. Longer ranges
+read every second span from that one on, which tile the range without overlap. The price is at
+insert: every bucket row is written to two spans (the view costs about what the
+``activity_weeks`` view does).
 
 Idempotent for the same reasons as ``activity_weeks``: per bucket a minimum and a maximum,
 combined by merges key by key.
