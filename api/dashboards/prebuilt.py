@@ -57,7 +57,7 @@ _TILES = (
     f"span >= first_span AND span < {_END} "
     f"AND (toUnixTimestamp(span) - toUnixTimestamp(first_span)) % {2 * _STRIDE} = 0"
 )
-#: Index of bucket ``b`` in the per-bucket arrays, which start at ``first_span``.
+#: Index of bucket ``b`` in the per-bucket arrays (``week_bits``, ``turns``, ``cuts``), which start at ``first_span``.
 _AT = f"intDiv(toUInt32(b) - toUInt32(first_span), {_BUCKET}) + 1"
 
 RETENTION_SQL = f"""
@@ -96,10 +96,10 @@ WITH
         -- bucket, the week before its turn if first seen before it (and before the end), the week
         -- from its turn if last seen at or after it (first seen, when last seen after the end)
         SELECT anonymous, actor,
-               arrayReduce('groupBitOr', arrayMap((b, f, l) -> bitOr(
-                   bitShiftLeft(toUInt64(f < cuts[{_AT}]), week_bits[{_AT}]),
-                   bitShiftLeft(toUInt64(f < {_END} AND if(l < {_END}, l, f) >= turns[{_AT}]), week_bits[{_AT}] + 1)),
-                   first_seen.1, first_seen.2, last_seen.2)) AS weeks
+               arrayReduce('groupBitOr', arrayMap((i, f, l) -> bitOr(
+                   bitShiftLeft(toUInt64(f < cuts[i]), week_bits[i]),
+                   bitShiftLeft(toUInt64(f < {_END} AND if(l < {_END}, l, f) >= turns[i]), week_bits[i] + 1)),
+                   arrayMap(b -> {_AT}, first_seen.1), first_seen.2, last_seen.2)) AS weeks
         FROM activity_spans
         WHERE from_rollup AND {_TILES}
         UNION ALL
