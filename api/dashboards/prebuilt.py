@@ -14,9 +14,13 @@ Definitions that are not plain catalogue metrics live here as read-only SQL, doc
   anonymous devices to people through ``identities`` as ``events_resolved`` does. Each bucket
   holds at most one week start, its *turn*: the widget computes the turns once per request and
   places an actor's first and last instant in a bucket on either side of it, with no date
-  arithmetic per row. The events themselves are read only for the stretch between the last week start
-  and a range end with events after it in its bucket, and for ranges over 62 weeks (a person's
-  weeks are bits of one UInt64), stitched the same way;
+  arithmetic per row. A bucket (Thursday 00:00 UTC to the next) can hold two week starts only
+  when weeks start on Thursday, which falls within an hour or so of the buckets' edges in zones
+  near UTC: it happened where a date was skipped (Kiritimati 1994, Samoa 2011). Every other week
+  start lies at least 10 hours from the edges in every zone (offsets are within -12:00..+14:00).
+  The events themselves are read only for the stretch between the last week start and a range
+  end with events after it in its bucket, for weeks starting on Thursday, and for ranges over 62
+  weeks (a person's weeks are bits of one UInt64), stitched the same way;
 - float balance: running sum over the range of money entering the platform's hands
   (contributions net of fees, loan repayments) minus money leaving it (payouts of funded
   projects, refunds of expired ones, loan disbursements);
@@ -43,9 +47,12 @@ CARD_COST_FIXED = 0.20
 
 
 def _week_of(instant: str) -> str:
-    """SQL for the start (a Date) of the reporting week containing ``instant``."""
-    day = f"toDate({instant}, {{tz:String}})"
-    return f"({day} - ((toDayOfWeek({day}) + 7 - {{week_start:UInt8}}) % 7))"
+    """SQL for the start (a Date) of the reporting week containing ``instant``.
+
+    The Monday on or before the local date moved back by ``week_start - 1`` days, moved forward
+    again: the latest day on or before the local date that is a ``week_start`` weekday.
+    """
+    return f"(toMonday(toDate({instant}, {{tz:String}}) - ({{week_start:UInt8}} - 1)) + ({{week_start:UInt8}} - 1))"
 
 
 _START = "{start:DateTime64(3, 'UTC')}"
@@ -82,10 +89,8 @@ WITH
              buckets) AS turns,
     arrayMap((b, t) -> if(b < first_bucket, toDateTime64(0, 3, 'UTC'), least(t, {_END})), buckets, turns) AS cuts,
     -- a person's active weeks are bits of one UInt64, and each bucket must hold at most one week
-    -- start (always so for weeks starting Monday or Sunday); else the events answer
-    intDiv(last_week - base_week, 7) <= 62
-      AND arrayAll(b -> b < first_bucket OR {_week_of(f"b + {_BUCKET - 1}")} - {_week_of("b")} <= 7, buckets)
-        AS from_rollup,
+    -- start: so for every week start but Thursday (see the module docstring); else the events answer
+    {{week_start:UInt8}} != 4 AND intDiv(last_week - base_week, 7) <= 62 AS from_rollup,
     -- events after the end inside its bucket: someone's last instant there may then be after the
     -- end, and which of their events fall between the last week start and the end only the events say
     (SELECT count() > 0 FROM (

@@ -497,3 +497,47 @@ def test_events_after_the_end_in_its_bucket(ch_db: Client) -> None:
     want = retention_rate_reference(events, start, end, tz, 1)
     assert want[local("2026-04-20 00:00", tz)] == pytest.approx(2 / 3)
     assert_same(widget_rates(ch_db, start, end, tz, 1), want)
+
+
+def test_weeks_starting_thursday_in_samoa_when_it_skipped_a_date(ch_db: Client) -> None:
+    """Samoa skipped Friday 30 December 2011: the bucket from Thursday 29 December (UTC) holds two Thursday starts."""
+    tz = "Pacific/Apia"
+    at = datetime.fromisoformat
+    events = [
+        Event("login", at("2011-12-29T05:00:00+00:00"), user_id="a"),  # the week from Thursday 22 December
+        Event("login", at("2012-01-01T00:00:00+00:00"), user_id="a"),  # the six-day week from Thursday 29
+        Event("login", at("2012-01-04T12:00:00+00:00"), user_id="a"),  # the week from Thursday 5 January
+        Event("login", at("2011-12-29T05:00:00+00:00"), user_id="b"),
+        Event("login", at("2012-01-04T12:00:00+00:00"), user_id="b"),
+        Event("login", at("2011-12-27T00:00:00+00:00"), user_id="c"),
+        Event("login", at("2012-01-01T00:00:00+00:00"), user_id="c"),
+    ]
+    insert_events(ch_db, events)
+    start, end = local("2011-12-22 00:00", tz), local("2012-01-19 00:00", tz)
+    want = retention_rate_reference(events, start, end, tz, 4)
+    assert list(want.values()) == [pytest.approx(2 / 3), pytest.approx(1 / 2), 0.0]
+    assert_same(widget_rates(ch_db, start, end, tz, 4), want)
+
+
+def test_only_weeks_starting_thursday_put_two_week_starts_in_one_bucket(ch_db: Client) -> None:
+    """Why the widget answers from the rollup for every week start but Thursday, in every zone the engine knows.
+
+    A bucket holds two week starts when the week of its last second starts two weeks after the
+    week of its first second (local dates in the zone, 1995 to 2045).
+    """
+    zones = [row[0] for row in ch_db.query("SELECT time_zone FROM system.time_zones").result_rows]
+    assert len(zones) > 400
+    week = "toMonday(toDate(toDateTime({at}, 'UTC'), {{tz:String}}) - (week_start - 1)) + (week_start - 1)"
+    crowded: set[tuple[str, int]] = set()
+    for tz in zones:
+        rows = ch_db.query(
+            "SELECT DISTINCT week_start FROM ("
+            "  SELECT arrayJoin(range(intDiv(toUnixTimestamp(toDateTime('1995-01-05', 'UTC')), 604800),"
+            "                         intDiv(toUnixTimestamp(toDateTime('2045-01-01', 'UTC')), 604800))) * 604800 AS b,"
+            "         arrayJoin([1, 2, 3, 4, 5, 6, 7]) AS week_start"
+            f") WHERE ({week.format(at='b + 604799')}) - ({week.format(at='b')}) > 7",
+            parameters={"tz": tz},
+        ).result_rows
+        crowded.update((tz, row[0]) for row in rows)
+    assert {week_start for _, week_start in crowded} == {4}
+    assert ("Pacific/Apia", 4) in crowded  # Samoa skipped Friday 30 December 2011
