@@ -16,6 +16,11 @@ to disagree with the engine) and refused unless:
 - it calls no table function outside a small list of pure ones (``numbers``, ``values``, ...);
   the list of table functions comes from the engine (``system.table_functions``);
 - it does not raise its own limits in a ``SETTINGS`` clause.
+
+The verdict depends on the query's text alone (parameters are typed values placed into the
+parsed statement: no value changes its kind, its table functions or an ``INTO OUTFILE``), so a
+guard remembers the texts it allowed and does not parse them again: a dashboard's SQL widget
+sends the same text on every request.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -62,6 +68,8 @@ GUARDED_SETTINGS = re.compile(
 )
 STRING_LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'")
 FUNCTION_NODE = re.compile(r"^\s*Function (\S+)")
+#: Query texts a guard remembers having allowed (the least recently used are forgotten first).
+ALLOWED_TEXTS_KEPT = 256
 
 
 class QueryRefused(ValueError):
@@ -91,8 +99,10 @@ class QueryResult:
 class ReadOnlyGuard:
     """Decides whether a query may run, using the engine's own parser (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, remember: int = ALLOWED_TEXTS_KEPT) -> None:
         self._table_functions: frozenset[str] | None = None
+        self._allowed: OrderedDict[str, None] = OrderedDict()
+        self._remember = remember
         self._lock = threading.Lock()
 
     def _denied_functions(self, client: Client) -> frozenset[str]:
@@ -104,6 +114,10 @@ class ReadOnlyGuard:
 
     def check(self, client: Client, query: str, parameters: dict[str, Any] | None = None) -> None:
         """Raise :class:`QueryRefused` (or :class:`QueryFailed` for a syntax error) unless ``query`` may run."""
+        with self._lock:
+            if query in self._allowed:
+                self._allowed.move_to_end(query)
+                return
         if not query.strip():
             raise QueryRefused("the query is empty")
         if GUARDED_SETTINGS.search(STRING_LITERAL.sub("''", query)):
@@ -128,6 +142,10 @@ class ReadOnlyGuard:
             match = FUNCTION_NODE.match(line)
             if match and match.group(1) in denied:
                 raise QueryRefused(f"the table function {match.group(1)}() reaches outside the database")
+        with self._lock:
+            self._allowed[query] = None
+            while len(self._allowed) > self._remember:
+                self._allowed.popitem(last=False)
 
 
 def run_readonly(

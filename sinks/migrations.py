@@ -41,6 +41,24 @@ Idempotent: ``events`` is a ReplacingMergeTree, so a replayed event is a second 
 merge; the view sees it twice, and a minimum and a maximum do not change when a value is
 added twice. Rows of the same key from different inserts are combined by merges
 (AggregatingMergeTree); readers group by actor anyway, so unmerged rows are correct too.
+
+``activity_spans`` (migration 9)
+--------------------------------
+The same first and last instants of any event per actor and bucket, packed into one row per
+actor and *span*: 12 consecutive buckets, with a span starting every 6 buckets (at multiples of
+6 weeks from the epoch), so every bucket lies in exactly two spans. ``first_seen`` and
+``last_seen`` map each bucket start of the span in which the actor was active to its first and
+last instant (``minMap``/``maxMap`` tuples of sorted keys and values).
+
+Why: a reader that needs up to 7 consecutive buckets (a 30-day range and the week before it)
+finds them all in one span, the one starting at or before the first of them within 6 buckets,
+so it reads and groups one row per actor instead of one per actor and bucket. Longer ranges
+read every second span from that one on, which tile the range without overlap. The price is at
+insert: every bucket row is written to two spans (the view costs about what the
+``activity_weeks`` view does).
+
+Idempotent for the same reasons as ``activity_weeks``: per bucket a minimum and a maximum,
+combined by merges key by key.
 """
 
 from __future__ import annotations
@@ -74,6 +92,30 @@ SELECT name AS event_name, user_id = '' AS anonymous,
 FROM (SELECT event_name AS own_name, user_id, anonymous_id, timestamp AS ts FROM events)
 ARRAY JOIN [toString(own_name), '{ANY_EVENT_NAME}'] AS name
 GROUP BY name, anonymous, bucket, actor
+"""
+#: A span of ``activity_spans`` starts every this many seconds (6 buckets) and covers two of them.
+ACTIVITY_SPAN_STRIDE_SECONDS = 6 * ACTIVITY_BUCKET_SECONDS
+_ACTIVITY_SPANS_SELECT = f"""
+SELECT anonymous, span, actor,
+       (arrayMap(x -> x.1, seen), arrayMap(x -> x.2, seen)) AS first_seen,
+       (arrayMap(x -> x.1, seen), arrayMap(x -> x.3, seen)) AS last_seen
+FROM (
+    SELECT anonymous, span, actor, arraySort(groupArray((bucket, first, last))) AS seen
+    FROM (
+        SELECT user_id = '' AS anonymous, if(user_id != '', user_id, anonymous_id) AS actor,
+               intDiv(toUnixTimestamp(ts), {ACTIVITY_BUCKET_SECONDS}) * {ACTIVITY_BUCKET_SECONDS} AS bucket_second,
+               toDateTime(bucket_second, 'UTC') AS bucket,
+               intDiv(bucket_second, {ACTIVITY_SPAN_STRIDE_SECONDS}) AS stride,
+               min(ts) AS first, max(ts) AS last
+        FROM (SELECT user_id, anonymous_id, timestamp AS ts FROM events)
+        GROUP BY anonymous, actor, bucket_second
+    )
+    -- the two spans holding the bucket: the one starting in its 6-bucket stride and the one before
+    -- (none before the epoch)
+    ARRAY JOIN arrayMap(k -> toDateTime(k * {ACTIVITY_SPAN_STRIDE_SECONDS}, 'UTC'),
+                        arrayFilter(k -> k >= 0, [toInt64(stride), toInt64(stride) - 1])) AS span
+    GROUP BY anonymous, span, actor
+)
 """
 
 
@@ -408,6 +450,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             # Backfill what is already there. The view exists first, so an event inserted meanwhile may
             # be counted by both: harmless, first/last seen are a minimum and a maximum.
             f"INSERT INTO activity_weeks {_ACTIVITY_WEEKS_SELECT}",
+        ),
+    ),
+    Migration(
+        9,
+        "activity spans: each actor's first and last instant per bucket, one row per 12-bucket span",
+        (
+            # Why spans of 12 buckets starting every 6, and why a replay changes nothing: the module docstring.
+            """
+            CREATE TABLE IF NOT EXISTS activity_spans (
+                anonymous Bool,
+                span DateTime('UTC'),
+                actor String,
+                first_seen SimpleAggregateFunction(minMap, Tuple(Array(DateTime('UTC')), Array(DateTime64(3, 'UTC')))),
+                last_seen SimpleAggregateFunction(maxMap, Tuple(Array(DateTime('UTC')), Array(DateTime64(3, 'UTC'))))
+            )
+            ENGINE = AggregatingMergeTree
+            PARTITION BY toYYYYMM(span)
+            ORDER BY (span, anonymous, actor)
+            """,
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS activity_spans_mv TO activity_spans AS {_ACTIVITY_SPANS_SELECT}",
+            # Backfill, the view first (as for migration 8: an event seen twice changes no minimum or maximum).
+            f"INSERT INTO activity_spans {_ACTIVITY_SPANS_SELECT}",
         ),
     ),
 )

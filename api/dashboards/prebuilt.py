@@ -8,11 +8,19 @@ Definitions that are not plain catalogue metrics live here as read-only SQL, doc
 
 - retention rate (weekly): of the people active in the previous week, the share active again
   in this week (weeks start on ``settings.week_start`` in the reporting timezone). It reads the
-  weekly activity rollup ``activity_weeks`` (first and last instant per actor and 7-day UTC
-  bucket, exact for any zone: see sinks/migrations.py) and stitches anonymous devices to people
-  through ``identities`` as ``events_resolved`` does; the events themselves are read only for
-  the stretch between the last week start and a range end that cuts a bucket, and for ranges
-  over 62 weeks (a person's weeks are bits of one UInt64), stitched the same way;
+  activity spans ``activity_spans`` (first and last instant per actor and 7-day UTC bucket,
+  exact for any zone, one row per actor and 12-bucket span: see sinks/migrations.py), so a
+  range of up to 7 buckets (30 days and the week before) is one row per actor, and stitches
+  anonymous devices to people through ``identities`` as ``events_resolved`` does. Each bucket
+  holds at most one week start, its *turn*: the widget computes the turns once per request and
+  places an actor's first and last instant in a bucket on either side of it, with no date
+  arithmetic per row. A bucket (Thursday 00:00 UTC to the next) can hold two week starts only
+  when weeks start on Thursday, which falls within an hour or so of the buckets' edges in zones
+  near UTC: it happened where a date was skipped (Kiritimati 1994, Samoa 2011). Every other week
+  start lies at least 10 hours from the edges in every zone (offsets are within -12:00..+14:00).
+  The events themselves are read only for the stretch between the last week start and a range
+  end with events after it in its bucket, for weeks starting on Thursday, and for ranges over 62
+  weeks (a person's weeks are bits of one UInt64), stitched the same way;
 - float balance: running sum over the range of money entering the platform's hands
   (contributions net of fees, loan repayments) minus money leaving it (payouts of funded
   projects, refunds of expired ones, loan disbursements);
@@ -32,64 +40,89 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.auth import BOOTSTRAP_ADMIN_EMAIL, find_or_create_user
 from api.dashboards.models import DashboardIn
 from api.metadata.models import Dashboard, DashboardWidget
-from sinks.migrations import ACTIVITY_BUCKET_SECONDS, ANY_EVENT_NAME
+from sinks.migrations import ACTIVITY_BUCKET_SECONDS, ACTIVITY_SPAN_STRIDE_SECONDS
 
 CARD_COST_RATE = 0.022
 CARD_COST_FIXED = 0.20
 
 
 def _week_of(instant: str) -> str:
-    """SQL for the start (a Date) of the reporting week containing ``instant``."""
-    day = f"toDate({instant}, {{tz:String}})"
-    return f"({day} - ((toDayOfWeek({day}) + 7 - {{week_start:UInt8}}) % 7))"
+    """SQL for the start (a Date) of the reporting week containing ``instant``.
+
+    The Monday on or before the local date moved back by ``week_start - 1`` days, moved forward
+    again: the latest day on or before the local date that is a ``week_start`` weekday.
+    """
+    return f"(toMonday(toDate({instant}, {{tz:String}}) - ({{week_start:UInt8}} - 1)) + ({{week_start:UInt8}} - 1))"
 
 
 _START = "{start:DateTime64(3, 'UTC')}"
 _END = "{end:DateTime64(3, 'UTC')}"
 _BUCKET = ACTIVITY_BUCKET_SECONDS
-#: The rollup bucket holding ``start`` - 10 days: the week before the first reported one starts
-#: at most 8 days and 16 hours before ``start`` in any zone.
-_FIRST_BUCKET = f"toUInt32(intDiv(toUnixTimestamp({_START} - INTERVAL 10 DAY), {_BUCKET}))"
-_END_BUCKET = f"toUInt32(intDiv(toUnixTimestamp({_END}), {_BUCKET}))"
-_LAST_WEEK = _week_of(f"({_END} - INTERVAL 1 MILLISECOND)")
-_LAST_TURN = f"toDateTime64(toDateTime({_LAST_WEEK}, {{tz:String}}), 3, 'UTC')"
-_LINKS = "SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities GROUP BY anonymous_id"
+_STRIDE = ACTIVITY_SPAN_STRIDE_SECONDS
+#: The spans the widget reads: every second one from ``first_span`` on (spans cover two strides).
+_TILES = (
+    f"span >= first_span AND span < {_END} "
+    f"AND (toUnixTimestamp(span) - toUnixTimestamp(first_span)) % {2 * _STRIDE} = 0"
+)
+#: Index of bucket ``b`` in the per-bucket arrays (``week_bits``, ``turns``, ``cuts``), which start at ``first_span``.
+_AT = f"intDiv(toUInt32(b) - toUInt32(first_span), {_BUCKET}) + 1"
 
 RETENTION_SQL = f"""
 WITH
-    {_week_of(f"toDateTime({_FIRST_BUCKET} * {_BUCKET}, 'UTC')")} AS base_week,
-    -- a person's active weeks are bits of one UInt64 (bit i = base_week + 7 i), and each rollup
-    -- bucket must hold at most one week start (always so for weeks starting Monday or Sunday)
-    intDiv({_LAST_WEEK} - base_week, 7) <= 62
-      AND arrayAll(b -> {_week_of(f"toDateTime(b * {_BUCKET} + {_BUCKET - 1}, 'UTC')")}
-                        - {_week_of(f"toDateTime(b * {_BUCKET}, 'UTC')")} <= 7,
-                   range({_FIRST_BUCKET}, {_END_BUCKET} + 1)) AS from_rollup,
-    -- someone active in the range end's bucket both before the last week start and after the end:
-    -- which of their events fall between the two, only the events say
-    (SELECT count() > 0 FROM activity_weeks
-     WHERE event_name = '{ANY_EVENT_NAME}' AND bucket = toDateTime({_END_BUCKET} * {_BUCKET}, 'UTC')
-       AND first_seen < {_LAST_TURN} AND last_seen >= {_END}) AS end_straddled,
+    -- the range's 7-day UTC buckets: from the one holding start - 10 days (the week before the first
+    -- reported one starts at most 8 days 16 hours before start, in any zone) to the one holding the end
+    toDateTime(intDiv(toUnixTimestamp({_START} - INTERVAL 10 DAY), {_BUCKET}) * {_BUCKET}, 'UTC') AS first_bucket,
+    toDateTime(intDiv(toUnixTimestamp({_END}), {_BUCKET}) * {_BUCKET}, 'UTC') AS end_bucket,
+    toDateTime(intDiv(toUnixTimestamp(first_bucket), {_STRIDE}) * {_STRIDE}, 'UTC') AS first_span,
+    {_week_of("first_bucket")} AS base_week,
+    {_week_of(f"{_END} - INTERVAL 1 MILLISECOND")} AS last_week,
+    toDateTime64(toDateTime(last_week, {{tz:String}}), 3, 'UTC') AS last_turn,
+    -- per bucket from first_span on: the bit of the week it starts in (bit i = base_week + 7 i); its
+    -- turn, the start of the next week (the one week start inside it, when it holds one); and its cut,
+    -- the turn or the end if earlier. Buckets before first_bucket place nothing: cut at the epoch,
+    -- turn at the end.
+    arrayMap(n -> toDateTime(n * {_BUCKET}, 'UTC'),
+             range(intDiv(toUnixTimestamp(first_span), {_BUCKET}), intDiv(toUnixTimestamp(end_bucket), {_BUCKET}) + 1))
+        AS buckets,
+    arrayMap(b -> if(b < first_bucket, 0, intDiv({_week_of("b")} - base_week, 7)), buckets) AS week_bits,
+    arrayMap(b -> if(b < first_bucket, {_END}, toDateTime64(toDateTime({_week_of("b")} + 7, {{tz:String}}), 3, 'UTC')),
+             buckets) AS turns,
+    arrayMap((b, t) -> if(b < first_bucket, toDateTime64(0, 3, 'UTC'), least(t, {_END})), buckets, turns) AS cuts,
+    -- a person's active weeks are bits of one UInt64, and each bucket must hold at most one week
+    -- start: so for every week start but Thursday (see the module docstring); else the events answer
+    {{week_start:UInt8}} != 4 AND intDiv(last_week - base_week, 7) <= 62 AS from_rollup,
+    -- events after the end inside its bucket: someone's last instant there may then be after the
+    -- end, and which of their events fall between the last week start and the end only the events say
+    (SELECT count() > 0 FROM (
+        SELECT 1 FROM events WHERE timestamp >= {_END} AND timestamp < end_bucket + INTERVAL 7 DAY LIMIT 1
+     )) AS end_cut,
     activity AS (
-        -- actors' active weeks from the rollup (see sinks/migrations.py, migration 8)
+        -- actors' active weeks from the spans (see sinks/migrations.py, migrations 8 and 9): in each
+        -- bucket, the week before its turn if first seen before it (and before the end), the week
+        -- from its turn if last seen at or after it (first seen, when last seen after the end)
         SELECT anonymous, actor,
-               bitOr(bitShiftLeft(toUInt64(1), intDiv({_week_of("first_seen")} - base_week, 7)),
-                     bitShiftLeft(toUInt64(1),
-                                  intDiv({_week_of(f"if(last_seen < {_END}, last_seen, first_seen)")} - base_week, 7)))
-                 AS weeks
-        FROM activity_weeks
-        WHERE from_rollup AND event_name = '{ANY_EVENT_NAME}'
-          AND bucket >= toDateTime({_FIRST_BUCKET} * {_BUCKET}, 'UTC') AND bucket < {_END} AND first_seen < {_END}
+               arrayReduce('groupBitOr', arrayMap((i, f, l) -> bitOr(
+                   bitShiftLeft(toUInt64(f < cuts[i]), week_bits[i]),
+                   bitShiftLeft(toUInt64(f < {_END} AND if(l < {_END}, l, f) >= turns[i]), week_bits[i] + 1)),
+                   arrayMap(b -> {_AT}, first_seen.1), first_seen.2, last_seen.2)) AS weeks
+        FROM activity_spans
+        WHERE from_rollup AND {_TILES}
         UNION ALL
         SELECT user_id = '' AS anonymous, if(user_id != '', user_id, anonymous_id) AS actor,
-               bitShiftLeft(toUInt64(1), intDiv({_LAST_WEEK} - base_week, 7)) AS weeks
+               bitShiftLeft(toUInt64(1), intDiv(last_week - base_week, 7)) AS weeks
         FROM events
-        WHERE from_rollup AND end_straddled AND timestamp >= {_LAST_TURN} AND timestamp < {_END}
+        WHERE from_rollup AND end_cut AND timestamp >= last_turn AND timestamp < {_END}
     ),
     per_person AS (
-        -- people as events_resolved stitches them: a device linked to a user is that user
+        -- people as events_resolved stitches them: a device linked to a user is that user (only the
+        -- links of the range's anonymous actors are read)
         SELECT if(a.anonymous AND l.user_id != '', l.user_id, a.actor) AS person_id, groupBitOr(a.weeks) AS weeks
         FROM activity AS a
-        LEFT ANY JOIN ({_LINKS}) AS l ON l.anonymous_id = if(a.anonymous, a.actor, '')
+        LEFT ANY JOIN (
+            SELECT anonymous_id, argMin(user_id, linked_at) AS user_id FROM identities
+            WHERE anonymous_id IN (SELECT actor FROM activity_spans WHERE from_rollup AND anonymous AND {_TILES})
+            GROUP BY anonymous_id
+        ) AS l ON l.anonymous_id = if(a.anonymous, a.actor, '')
         GROUP BY person_id
     ),
     per_person_raw AS (
@@ -110,8 +143,10 @@ WITH
 SELECT t, retention_rate FROM (
     SELECT toDateTime(week, {{tz:String}}) AS t, again / before AS retention_rate
     FROM (
-        SELECT base_week + 7 * (p + 1) AS week, count() AS before, countIf(bitTest(weeks, p + 1)) AS again
-        FROM per_person ARRAY JOIN bitPositionsToArray(weeks) AS p
+        -- people per combination of active weeks first: far fewer rows than people
+        SELECT base_week + 7 * (p + 1) AS week, sum(people) AS before, sumIf(people, bitTest(weeks, p + 1)) AS again
+        FROM (SELECT weeks, count() AS people FROM per_person GROUP BY weeks)
+        ARRAY JOIN bitPositionsToArray(weeks) AS p
         GROUP BY week
     )
     WHERE week >= toDate({_START}, {{tz:String}}) AND toDateTime(week, {{tz:String}}) < {_END}
@@ -274,6 +309,7 @@ SUPERSEDED_RETENTION_SQL = frozenset(
         "7d087e712b38afe20c8647f352fe06b6aa7103e280b1b7cd09d555d931529cd6",  # every event, events_resolved
         "441977bb8f974ae01714e445d74a051604eb95e6da12e2580a46b48eb32cbe2e",  # the rollup, stitched in two reads
         "c412c96b2120b4365a4e4d9058b9ed0faa3432313ca3da4532e9f2ce9d8e6a6e",  # the rollup, fallback via events_resolved
+        "d43672d77923ea040e0a5c46faaa5e50704530eea406ed93b57267037a0cd12c",  # a row per actor and bucket
     }
 )
 

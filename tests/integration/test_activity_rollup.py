@@ -1,9 +1,10 @@
-"""The weekly activity rollup (``activity_weeks``) and the retention widget that reads it, against plain Python.
+"""The weekly activity rollups (``activity_weeks``, ``activity_spans``) and the retention widget, against plain Python.
 
-The Executive dashboard's weekly retention rate reads ``activity_weeks`` (first and last instant
-per actor and 7-day UTC bucket) and stitches anonymous devices to people through ``identities``.
-Each test recomputes the widget's figures from the same events with no SQL: people after
-identity stitching, local weeks in the reporting timezone (``zoneinfo``), the range end as a cut.
+The Executive dashboard's weekly retention rate reads ``activity_spans`` (first and last instant
+per actor and 7-day UTC bucket, one row per actor and 12-bucket span) and stitches anonymous
+devices to people through ``identities``. Each test recomputes the widget's figures from the same
+events with no SQL: people after identity stitching, local weeks in the reporting timezone
+(``zoneinfo``), the range end as a cut.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sqlalchemy import select
 from api.dashboards.prebuilt import RETENTION_SQL, SUPERSEDED_RETENTION_SQL, ensure_prebuilt
 from api.dashboards.widgets import run_read_only
 from api.metadata.models import DashboardWidget
-from sinks.migrations import ANY_EVENT_NAME, apply_migrations
+from sinks.migrations import ACTIVITY_BUCKET_SECONDS, ACTIVITY_SPAN_STRIDE_SECONDS, ANY_EVENT_NAME, apply_migrations
 from tests.analysis_reference import Event, insert_events, resolve_people
 from tests.integration.query_api_support import build_app, close
 
@@ -321,3 +322,222 @@ def test_seeded_dashboards_get_the_current_retention_sql_unless_edited(ch_db: Cl
             assert session.get(DashboardWidget, ids[1]).data_source["sql"] == earlier + "\n-- edited"
     finally:
         close(app)
+
+
+def spans_reference(events: list[Event]) -> set[tuple[bool, datetime, str, datetime, datetime, datetime]]:
+    """``activity_spans`` as plain Python: (anonymous, span, actor, bucket, first, last) per bucket of each span."""
+    seen: dict[tuple[bool, str, int], tuple[datetime, datetime]] = {}
+    for e in {e.event_id: e for e in events}.values():
+        key = (e.user_id == "", e.user_id or e.anonymous_id, int(e.ts.timestamp()) // ACTIVITY_BUCKET_SECONDS)
+        first, last = seen.get(key, (e.ts, e.ts))
+        seen[key] = (min(first, e.ts), max(last, e.ts))
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    out = set()
+    for (anonymous, actor, bucket), (first, last) in seen.items():
+        stride = bucket * ACTIVITY_BUCKET_SECONDS // ACTIVITY_SPAN_STRIDE_SECONDS
+        for span in (stride, stride - 1):  # every bucket lies in two spans
+            out.add(
+                (
+                    anonymous,
+                    epoch + timedelta(seconds=span * ACTIVITY_SPAN_STRIDE_SECONDS),
+                    actor,
+                    epoch + timedelta(seconds=bucket * ACTIVITY_BUCKET_SECONDS),
+                    first,
+                    last,
+                )
+            )
+    return out
+
+
+def stored_spans(client: Client) -> set[tuple[bool, datetime, str, datetime, datetime, datetime]]:
+    """``activity_spans`` merged as readers see it (minimum and maximum per bucket over unmerged rows)."""
+    rows = client.query(
+        "SELECT anonymous, span, actor, b, min(f), max(l) FROM ("
+        "  SELECT anonymous, span, actor, b, f, NULL AS l FROM activity_spans"
+        "  ARRAY JOIN first_seen.1 AS b, first_seen.2 AS f"
+        "  UNION ALL"
+        "  SELECT anonymous, span, actor, b, NULL AS f, l FROM activity_spans"
+        "  ARRAY JOIN last_seen.1 AS b, last_seen.2 AS l"
+        ") GROUP BY ALL"
+    ).result_rows
+
+    def aware(t: datetime) -> datetime:
+        return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+    return {(bool(a), aware(s), actor, aware(b), aware(f), aware(last)) for a, s, actor, b, f, last in rows}
+
+
+def test_spans_hold_each_buckets_first_and_last_instant_in_both_spans(ch_db: Client) -> None:
+    """Several inserts (unmerged parts, replays): every bucket of an actor is in its two spans, exactly."""
+    rng = random.Random(21)
+    origin = datetime(2026, 1, 1, tzinfo=UTC)
+    events = [
+        Event(
+            "login",
+            origin + timedelta(seconds=rng.randint(0, 200 * 86400), milliseconds=rng.randint(0, 999)),
+            user_id=rng.choice(["", f"u{rng.randrange(6)}"]),
+            anonymous_id=f"d{rng.randrange(8)}",
+        )
+        for _ in range(300)
+    ]
+    for i in range(0, len(events), 40):
+        insert_events(ch_db, events[i : i + 40])
+    insert_events(ch_db, [replay(e) for e in rng.sample(events, 30)])
+    want = spans_reference(events)
+    assert stored_spans(ch_db) == want
+    ch_db.command("OPTIMIZE TABLE activity_spans FINAL")
+    assert stored_spans(ch_db) == want
+    # After the merge: one row per actor and span, with the buckets in order.
+    rows = ch_db.query("SELECT count(), uniqExact(anonymous, span, actor) FROM activity_spans").result_rows
+    assert rows[0][0] == rows[0][1]
+    unsorted = ch_db.query(
+        "SELECT count() FROM activity_spans "
+        "WHERE first_seen.1 != arraySort(first_seen.1) OR first_seen.1 != last_seen.1"
+    ).result_rows
+    assert unsorted[0][0] == 0
+
+
+def test_migration_9_backfills_spans_from_the_events(ch_db: Client) -> None:
+    events = [e for batch in story("Europe/Berlin") for e in batch]
+    insert_events(ch_db, events)
+    live = stored_spans(ch_db)
+    assert live == spans_reference(events)
+    ch_db.command("DROP VIEW activity_spans_mv")
+    ch_db.command("DROP TABLE activity_spans")
+    ch_db.command("DELETE FROM schema_migrations WHERE version = 9")
+    assert apply_migrations(ch_db) == [9]
+    assert stored_spans(ch_db) == live
+    start, end = local("2026-03-23 00:00", "Europe/Berlin"), local("2026-04-20 00:00", "Europe/Berlin")
+    assert_same(
+        widget_rates(ch_db, start, end, "Europe/Berlin", 1),
+        retention_rate_reference(events, start, end, "Europe/Berlin", 1),
+    )
+    late = Event("login", local("2026-04-13 10:00", "Europe/Berlin"), user_id="dave")
+    insert_events(ch_db, [late])
+    assert stored_spans(ch_db) == spans_reference([*events, late])
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_ranges_over_several_spans_match_reference(ch_db: Client, seed: int) -> None:
+    """Ranges of 8 to 62 weeks read several spans (every second one); people seen in several of them."""
+    rng = random.Random(seed)
+    origin = datetime(2025, 9, 4, tzinfo=UTC)
+    days = 460
+    events: list[Event] = []
+    for p in range(40):
+        user, device = f"u{p}", f"d{p}"
+        signs_up = rng.random() < 0.7
+        signup_at = origin + timedelta(hours=rng.uniform(0, days * 24))
+        for _ in range(rng.randint(2, 40)):
+            ts = origin + timedelta(seconds=rng.randint(0, days * 86400), milliseconds=rng.randint(0, 999))
+            if signs_up and ts >= signup_at:
+                events.append(Event("login", ts, user_id=user, anonymous_id=rng.choice(["", device])))
+            else:
+                events.append(Event("page_view", ts, anonymous_id=device))
+        if signs_up:
+            events.append(Event("signup", signup_at, user_id=user, anonymous_id=device))
+    batches: list[list[Event]] = [[] for _ in range(5)]
+    for e in events:
+        batches[rng.randrange(5)].append(e)
+    for e in rng.sample(events, 25):
+        batches[rng.randrange(5)].append(replay(e))
+    for batch in batches:
+        insert_events(ch_db, batch)
+    for _ in range(5):
+        tz, week_start = rng.choice(ZONES), rng.choice([1, 7])
+        start = origin + timedelta(days=rng.randint(3, 60), minutes=rng.choice([0, rng.randint(0, 1439)]))
+        end = start + timedelta(days=rng.randint(50, 420), seconds=rng.choice([0, rng.randint(0, 86399)]))
+        want = retention_rate_reference(events, start, end, tz, week_start)
+        assert len(want) >= 6
+        assert_same(widget_rates(ch_db, start, end, tz, week_start), want)
+
+
+@pytest.mark.parametrize(
+    ("tz", "day"),
+    [("America/Santiago", "2026-09-06"), ("Asia/Beirut", "2026-03-29"), ("America/Havana", "2026-03-08")],
+)
+def test_week_starting_in_a_skipped_midnight(ch_db: Client, tz: str, day: str) -> None:
+    """Sunday weeks in zones whose clocks jump from 00:00 to 01:00 on that Sunday: the week starts at 01:00."""
+    sunday = datetime.strptime(day, "%Y-%m-%d").date()
+    turn = local_midnight(sunday, tz)
+    assert turn.astimezone(ZoneInfo(tz)).hour == 1
+    events = [
+        Event("login", turn - timedelta(days=8), user_id="a"),
+        Event("login", turn - timedelta(milliseconds=1), user_id="a"),  # Saturday's last instant
+        Event("login", turn - timedelta(days=3), user_id="b"),
+        Event("login", turn, user_id="b"),  # the week's first instant
+        Event("login", turn + timedelta(days=2), user_id="b"),
+        Event("login", turn - timedelta(days=4), anonymous_id="k"),
+        Event("login", turn + timedelta(hours=5), user_id="c", anonymous_id="k"),
+    ]
+    insert_events(ch_db, events)
+    start, end = turn - timedelta(days=14), turn + timedelta(days=9)
+    want = retention_rate_reference(events, start, end, tz, 7)
+    assert want[turn] == pytest.approx(2 / 3)
+    assert_same(widget_rates(ch_db, start, end, tz, 7), want)
+
+
+def test_events_after_the_end_in_its_bucket(ch_db: Client) -> None:
+    """Actors seen after the range end in its bucket, with and without events between the last week start and it."""
+    tz = "Asia/Kolkata"
+    events = [
+        Event("login", local("2026-04-14 09:00", tz), user_id="a"),
+        Event("login", local("2026-04-17 09:00", tz), user_id="a"),  # Friday: the end's bucket, before Monday
+        Event("login", local("2026-04-22 21:00", tz), user_id="a"),  # after the end, same bucket: not retained
+        Event("login", local("2026-04-14 09:00", tz), user_id="b"),
+        Event("login", local("2026-04-17 09:00", tz), user_id="b"),
+        Event("login", local("2026-04-21 09:00", tz), user_id="b"),  # Tuesday, inside the range
+        Event("login", local("2026-04-22 20:00", tz), user_id="b"),  # after the end
+        Event("login", local("2026-04-14 09:00", tz), anonymous_id="t"),
+        Event("login", local("2026-04-20 02:00", tz), anonymous_id="t"),  # Monday, inside the range, linked later
+        Event("signup", local("2026-04-22 19:00", tz), user_id="c", anonymous_id="t"),  # after the end
+    ]
+    insert_events(ch_db, events)
+    start, end = local("2026-04-06 00:00", tz), local("2026-04-22 12:00", tz)
+    want = retention_rate_reference(events, start, end, tz, 1)
+    assert want[local("2026-04-20 00:00", tz)] == pytest.approx(2 / 3)
+    assert_same(widget_rates(ch_db, start, end, tz, 1), want)
+
+
+def test_weeks_starting_thursday_in_samoa_when_it_skipped_a_date(ch_db: Client) -> None:
+    """Samoa skipped Friday 30 December 2011: the bucket from Thursday 29 December (UTC) holds two Thursday starts."""
+    tz = "Pacific/Apia"
+    at = datetime.fromisoformat
+    events = [
+        Event("login", at("2011-12-29T05:00:00+00:00"), user_id="a"),  # the week from Thursday 22 December
+        Event("login", at("2012-01-01T00:00:00+00:00"), user_id="a"),  # the six-day week from Thursday 29
+        Event("login", at("2012-01-04T12:00:00+00:00"), user_id="a"),  # the week from Thursday 5 January
+        Event("login", at("2011-12-29T05:00:00+00:00"), user_id="b"),
+        Event("login", at("2012-01-04T12:00:00+00:00"), user_id="b"),
+        Event("login", at("2011-12-27T00:00:00+00:00"), user_id="c"),
+        Event("login", at("2012-01-01T00:00:00+00:00"), user_id="c"),
+    ]
+    insert_events(ch_db, events)
+    start, end = local("2011-12-22 00:00", tz), local("2012-01-19 00:00", tz)
+    want = retention_rate_reference(events, start, end, tz, 4)
+    assert list(want.values()) == [pytest.approx(2 / 3), pytest.approx(1 / 2), 0.0]
+    assert_same(widget_rates(ch_db, start, end, tz, 4), want)
+
+
+def test_only_weeks_starting_thursday_put_two_week_starts_in_one_bucket(ch_db: Client) -> None:
+    """Why the widget answers from the rollup for every week start but Thursday, in every zone the engine knows.
+
+    A bucket holds two week starts when the week of its last second starts two weeks after the
+    week of its first second (local dates in the zone, 1995 to 2045).
+    """
+    zones = [row[0] for row in ch_db.query("SELECT time_zone FROM system.time_zones").result_rows]
+    assert len(zones) > 400
+    week = "toMonday(toDate(toDateTime({at}, 'UTC'), {{tz:String}}) - (week_start - 1)) + (week_start - 1)"
+    crowded: set[tuple[str, int]] = set()
+    for tz in zones:
+        rows = ch_db.query(
+            "SELECT DISTINCT week_start FROM ("
+            "  SELECT arrayJoin(range(intDiv(toUnixTimestamp(toDateTime('1995-01-05', 'UTC')), 604800),"
+            "                         intDiv(toUnixTimestamp(toDateTime('2045-01-01', 'UTC')), 604800))) * 604800 AS b,"
+            "         arrayJoin([1, 2, 3, 4, 5, 6, 7]) AS week_start"
+            f") WHERE ({week.format(at='b + 604799')}) - ({week.format(at='b')}) > 7",
+            parameters={"tz": tz},
+        ).result_rows
+        crowded.update((tz, row[0]) for row in rows)
+    assert {week_start for _, week_start in crowded} == {4}
+    assert ("Pacific/Apia", 4) in crowded  # Samoa skipped Friday 30 December 2011

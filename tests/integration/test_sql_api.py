@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import uvicorn
@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.auth import Role, find_or_create_user, issue_key
-from api.readonly import QueryFailed, run_readonly
+from api.readonly import QueryFailed, QueryRefused, ReadOnlyGuard, run_readonly
 from tests.fixtures.server import free_port, wait_until
 from tidemark.cli import main as tidemark_main
 from tidemark.settings import Settings
@@ -244,6 +244,39 @@ def test_limits_cannot_be_raised_in_the_query(api: TestClient) -> None:
     refused(sql(api, "SELECT 1 SETTINGS max_execution_time = 100000"), "query_not_allowed")
     refused(sql(api, "SELECT 1 SETTINGS max_result_rows=0, result_overflow_mode = 'throw'"), "query_not_allowed")
     assert sql(api, "SELECT 'max_execution_time = 5' AS s").status_code == 200, "words inside strings are fine"
+
+
+class CountingClient:
+    """A client that counts the statements the guard parses (``EXPLAIN AST``)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.parsed: list[str] = []
+
+    def query(self, query: str, parameters: dict[str, Any] | None = None) -> Any:
+        if query.startswith("EXPLAIN AST"):
+            self.parsed.append(query)
+        return self.client.query(query, parameters=parameters)
+
+
+def test_guard_parses_an_allowed_text_once_and_a_refused_one_every_time(ch_db: Client) -> None:
+    counting = CountingClient(ch_db)
+    client = cast(Client, counting)
+    guard = ReadOnlyGuard(remember=2)
+    allowed = "SELECT count() FROM events WHERE event_name = {name:String}"
+    for name in ("login", "signup", "page_view"):
+        guard.check(client, allowed, {"name": name})
+    assert len(counting.parsed) == 1
+    refused_text = "SELECT * FROM file('x.csv', 'LineAsString')"
+    for _ in range(2):
+        with pytest.raises(QueryRefused):
+            guard.check(client, refused_text)
+    assert len(counting.parsed) == 3
+    # Only the most recently used texts are kept.
+    guard.check(client, "SELECT 1")
+    guard.check(client, "SELECT 2")
+    guard.check(client, allowed, {"name": "login"})
+    assert len(counting.parsed) == 6
 
 
 def test_clickhouse_errors_are_400_with_its_message(api: TestClient) -> None:
