@@ -67,6 +67,12 @@ PUBLISH_EVERY = {Period.minute: 5.0, Period.hour: 10.0, Period.day: 30.0, Period
 # An open session that keeps changing is re-published at most this often (seconds); a closed one at once.
 SESSION_PUBLISH_EVERY = 5.0
 
+# A message of metric partials holds at most about this many bytes (a flush sends more messages
+# when needed); well under the broker's default limit of 1 MB per message.
+PARTIAL_BATCH_BYTES = 256 * 1024
+# Bytes of an entry besides its state, metric name and dimension value (an upper bound).
+PARTIAL_ENTRY_OVERHEAD = 64
+
 # Outputs are published at every flush; the state is checkpointed (and the events acknowledged)
 # at most this often, or when ``stream_flush_events`` events wait. A crash replays since then.
 CHECKPOINT_EVERY_SECONDS = 10.0
@@ -115,6 +121,25 @@ def partial_entry(partial: MetricPartial) -> dict[str, Any]:
         "dimensionValue": partial.dimension_value,
         "state": orjson.dumps(encode_state(partial.state)),
     }
+
+
+def partial_chunks(entries: list[dict[str, Any]], limit: int = PARTIAL_BATCH_BYTES) -> list[list[dict[str, Any]]]:
+    """``entries`` cut into consecutive chunks of about ``limit`` bytes at most (always at least one chunk).
+
+    A flush after a long pause (a backlog, a slow start) can change tens of thousands of
+    windows; one message for all of them would pass the broker's message size limit
+    (1 MB by default) and stop the stage.
+    """
+    chunks: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for entry in entries:
+        cost = PARTIAL_ENTRY_OVERHEAD + len(entry["state"]) + len(entry["metric"]) + len(entry["dimensionValue"])
+        if size + cost > limit and chunks[-1]:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(entry)
+        size += cost
+    return chunks
 
 
 def checkpoint_topic(settings: Settings) -> str:
@@ -184,6 +209,7 @@ class EventsAgent:
         self._partial_codec = metric_partial_batch_codec()
         self._lanes: dict[tuple[Any, ...], int] = {}  # (metric, period, dimension, value) -> its lane
         self._announced: dict[int, int] = {}  # partition -> watermark announced to every lane
+        self.partial_batch_bytes = PARTIAL_BATCH_BYTES
         # Changed open sessions wait for the next publication (see _publish_sessions).
         self.session_publish_seconds = min(SESSION_PUBLISH_EVERY, settings.stream_republish_max_seconds)
         self._sessions_waiting: dict[int, dict[str, SessionWindow]] = {}
@@ -318,9 +344,14 @@ class EventsAgent:
             entries = by_lane.get(lane)
             if entries is None and not advanced:
                 continue
-            record = {"partition": partition, "watermark": max(carried, 0), "announced": max(watermark, previous),
-                      "partials": entries or []}
-            self.publish_partials(key, self._partial_codec.encode(record), lane)
+            chunks = partial_chunks(entries or [], self.partial_batch_bytes)
+            for i, chunk in enumerate(chunks):
+                # Only the last message of the flush announces the new watermark: the lane must
+                # not complete a window while a partial of it is still in a later message.
+                announced = max(watermark, previous) if i == len(chunks) - 1 else max(carried, 0)
+                record = {"partition": partition, "watermark": max(carried, 0), "announced": announced,
+                          "partials": chunk}
+                self.publish_partials(key, self._partial_codec.encode(record), lane)
         if advanced:
             self._announced[partition] = watermark
 

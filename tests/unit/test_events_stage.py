@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from schemas.codec import event_codec
 from schemas.models import AnalyticsEvent
-from schemas.streams import UserSession, session_codec
+from schemas.streams import UserSession, metric_partial_batch_codec, session_codec
 from streams.agents.events import EventsAgent
 from streams.aggregators import compile_catalogue
 from streams.catalogue import get_catalogue
@@ -50,3 +51,49 @@ def test_open_sessions_are_published_at_most_every_few_seconds_closed_ones_at_on
     stage.flush(0, force_checkpoint=True)  # a checkpoint sends whatever waits
     assert [(events, closed) for _id, events, closed in published[2:]] == [(1, False)]
     assert published[2][0] != published[0][0]
+
+
+def stage_publishing_partials(limit: int | None) -> tuple[EventsAgent, list[dict[str, Any]]]:
+    """A stage whose partial messages are decoded into ``sent`` (lane added to each record)."""
+    codec = metric_partial_batch_codec()
+    sent: list[dict[str, Any]] = []
+
+    def publish_partials(_key: bytes, value: bytes, lane: int) -> None:
+        sent.append({**codec.decode(value), "lane": lane, "size": len(value)})
+
+    stage = EventsAgent(Settings(stream_flush_events=100_000), compile_catalogue(get_catalogue()),
+                        publish_session=lambda _k, _v: None, publish_partials=publish_partials,
+                        save_checkpoint=lambda _p, _b: None, load_checkpoint=lambda _p: None,
+                        commit=lambda _p, _o: None, partial_lanes=2)
+    if limit is not None:
+        stage.partial_batch_bytes = limit
+    return stage, sent
+
+
+def test_a_large_flush_is_split_into_messages_under_the_limit_and_only_the_last_announces() -> None:
+    codec_events = event_codec()
+    values = [
+        codec_events.encode(
+            AnalyticsEvent(event_name="page_view", event_type="page_view", anonymous_id=f"d{i % 400}",
+                           timestamp=START + timedelta(minutes=i % 90, seconds=i % 60),
+                           context={"country": f"C{i % 150}", "referrer": f"https://r{i % 70}.example/"}).to_avro()
+        )
+        for i in range(3000)
+    ]
+    runs = {}
+    for limit in (None, 8 * 1024):
+        stage, sent = stage_publishing_partials(limit)
+        for offset, value in enumerate(values):
+            stage.on_message(0, offset, value)
+        stage.flush(0, force_checkpoint=True)
+        runs[limit] = sent
+    whole, split = runs[None], runs[8 * 1024]
+    assert len(whole) == 2, "one message per lane without a limit in reach"
+    assert len(split) > 2 * len(whole)
+    for lane in (0, 1):
+        messages = [m for m in split if m["lane"] == lane]
+        assert all(m["size"] <= 8 * 1024 for m in messages)
+        (one,) = [m for m in whole if m["lane"] == lane]
+        assert [e for m in messages for e in m["partials"]] == one["partials"]
+        assert messages[-1]["announced"] == one["announced"] > messages[-1]["watermark"]
+        assert all(m["announced"] == m["watermark"] for m in messages[:-1])
