@@ -62,6 +62,8 @@ PARAMETER_TYPES = frozenset(
         "Float64",
         "Array(String)",
         "Array(Float64)",
+        "Array(Int64)",
+        "Array(UInt64)",
         "DateTime64(3, 'UTC')",
     }
 )

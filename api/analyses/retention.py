@@ -43,6 +43,8 @@ in p and p − 1; *resurrecting* = active in p, not in p − 1, first activity b
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -226,12 +228,15 @@ def compute_retention(
             return f"groupBitOrIf(bitShiftLeft(toUInt64(1), toUInt8({idx})), {cond})"
         return f"arrayMap(x -> toInt64(x), groupUniqArrayIf({idx}, {cond}))"
 
-    if (
-        bits
+    placed = (
+        bucket_periods(definition.period, settings, time_range, n)
+        if bits
         and definition.period in ROLLUP_PERIODS
         and not (definition.start_event.filters or definition.return_event.filters or filters)
-    ):
-        per_person = _rollup_per_person(q, definition, time_range, settings, starts_local[0], cohort_id)
+        else None
+    )
+    if placed is not None:
+        per_person = _rollup_per_person(q, definition, time_range, settings, placed, cohort_id)
     elif definition.cohort_type == "first_time":
         first = f"minIf(timestamp, {start_cond})"
         first_idx = _period_index(q, definition.period, settings, time_range.start, first)
@@ -302,12 +307,77 @@ def _rollup_name(event_name: str) -> str:
     return ANY_EVENT_NAME if event_name == ANY_EVENT else event_name
 
 
+def _ms(instant: datetime) -> int:
+    return round(instant.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class BucketPeriods:
+    """Which period bit an instant gets in each rollup bucket of a range, found by one comparison.
+
+    Bucket *j* (from 0) starts ``origin`` + *j* weeks (seconds since the epoch); ``origin`` is the
+    bucket holding the first period's start. A bucket holds at most one period start, its turn:
+    an instant (epoch milliseconds) in bucket *j* before ``cuts[j]`` gets ``early[j]``, one from
+    ``cuts[j]`` to the range's end ``late[j]``, one at or after the end nothing. ``cuts[j]`` is
+    the turn, or the end if that comes first. Bits of periods outside ``0..periods - 1`` are 0,
+    and so is every bit past the arrays' last bucket.
+    """
+
+    origin: int
+    end: int
+    cuts: list[int]
+    early: list[int]
+    late: list[int]
+
+    def bit(self, instant: datetime) -> int:
+        """The period bit of ``instant``, as the SQL of the rollup path finds it."""
+        j = (int(instant.timestamp()) - self.origin) // _BUCKET
+        # Outside the arrays the SQL reads their defaults, zeros.
+        cut, early, late = (self.cuts[j], self.early[j], self.late[j]) if 0 <= j < len(self.cuts) else (0, 0, 0)
+        ms = _ms(instant)
+        return early if ms < cut else late if ms < self.end else 0
+
+
+def bucket_periods(
+    period: Period, settings: AnalysisSettings, time_range: TimeRange, periods: int
+) -> BucketPeriods | None:
+    """Each rollup bucket's cut and period bits, from the first period's start up to the range's end.
+
+    Computed once per request, so that no row needs date arithmetic in the reporting zone.
+    ``None`` when a bucket holds two period starts: then an actor's first and last instant in it
+    do not tell which periods they were active in (never for week and month periods, see
+    sinks/migrations.py, migration 8; day periods always do).
+    """
+    starts = [s.astimezone(UTC) for s in period_starts(period, settings, time_range.start, periods + 1)]
+    end = time_range.end.astimezone(UTC)
+    origin = int(starts[0].timestamp()) // _BUCKET * _BUCKET
+    out = BucketPeriods(origin=origin, end=_ms(end), cuts=[], early=[], late=[])
+
+    def bit(i: int) -> int:
+        return 1 << i if 0 <= i < periods else 0
+
+    bucket = datetime.fromtimestamp(origin, UTC)
+    # From the last period's end (or the range's end) on, every bit is 0: no entries needed.
+    while bucket < min(end, starts[-1]):
+        # Every instant before the first period is in "period -1": only starts[0..periods] count.
+        base = bisect_right(starts, bucket) - 1
+        following = starts[base + 1 : base + 3]
+        if len(following) == 2 and following[1] < bucket + timedelta(seconds=_BUCKET):
+            return None
+        turn = following[0] if following else end
+        out.cuts.append(_ms(min(turn, end)))
+        out.early.append(bit(base))
+        out.late.append(bit(base + 1))
+        bucket += timedelta(seconds=_BUCKET)
+    return out
+
+
 def _rollup_per_person(
     q: SQLBuilder,
     definition: RetentionDefinition,
     time_range: TimeRange,
     settings: AnalysisSettings,
-    first_period: datetime,
+    placed: BucketPeriods,
     cohort_id: str | None,
 ) -> str:
     """Per person (``person_id``, ``cohorts``, ``back`` as period bits) from the weekly activity rollup.
@@ -315,65 +385,71 @@ def _rollup_per_person(
     For week and month periods without property filters. ``activity_weeks`` keeps, per event name
     (and ``$any``), actor and 7-day UTC bucket, the first and last instant; a bucket holds at most
     one period start, so an actor's periods in a bucket are those of its first and last instants
-    (sinks/migrations.py, migration 8). Two cuts are not period starts: ``time_range.start``
-    belongs to period 0, which counts whole, and ``time_range.end``. A row whose last instant is
-    at or after the end contributes its first instant only; the events between the start of the
-    end's period (or its bucket, if later) and the end are read from ``events``. Actors are
-    stitched to people through ``identities`` as ``events_resolved`` does; a person's first start
-    event ever is the earliest first instant of their start-event rows.
+    (sinks/migrations.py, migration 8). Each instant's period bit is looked up in the bucket's
+    entry of ``placed`` and one comparison with the bucket's cut, instead of date arithmetic in
+    the reporting zone per row.
+
+    Two cuts are not period starts: ``time_range.start`` belongs to period 0, which counts whole,
+    and ``time_range.end``. An instant at or after the end places nothing, so a row whose last
+    instant is after the end contributes its first instant only; the events between the start of
+    the end's period (or its bucket, if later) and the end are read from ``events``, and all lie
+    in the end's period. Actors are stitched to people through ``identities`` as
+    ``events_resolved`` does, in one pass over the rows (the join key is empty for actors that are
+    users: reading the rows once per kind of actor cost more than the join saves); a person's first
+    start event ever is the earliest first instant of their start-event rows.
     """
     t = "DateTime64(3, 'UTC')"
-    n = q.param(definition.periods, "Int64")
     end = q.param(time_range.end, t)
-    lower_bucket = q.param(first_period.astimezone(UTC), t)
+    end_ms = q.param(placed.end, "Int64")
+    origin = q.param(placed.origin, "Int64")
+    cuts = q.param(placed.cuts, "Array(Int64)")
+    early = q.param(placed.early, "Array(UInt64)")
+    late = q.param(placed.late, "Array(UInt64)")
+
+    def bit(instant: str, bucket: str) -> str:
+        # Entries count from 1; 0 (a bucket before the origin) reads the arrays' defaults: no bit.
+        j = f"greatest(intDiv(toInt64(toUnixTimestamp({bucket})) - {origin}, {_BUCKET}) + 1, 0)"
+        ms = f"toUnixTimestamp64Milli({instant})"
+        return f"if({ms} < {cuts}[{j}], {early}[{j}], if({ms} < {end_ms}, {late}[{j}], 0))"
+
     # The rollup's rows of every event are named like the analyses' "any event".
     start_name = q.param(_rollup_name(definition.start_event.event_name), "String")
     return_name = q.param(_rollup_name(definition.return_event.event_name), "String")
+    in_range = f"bucket >= {q.param(datetime.fromtimestamp(placed.origin, UTC), t)} AND bucket < {end}"
+    # First-time cohorts need every start event before the end, also before the periods.
+    start_rows = f"bucket < {end}" if definition.cohort_type == "first_time" else in_range
+    rollup = (
+        f"SELECT anonymous, actor, event_name = {start_name} AS is_start, event_name = {return_name} AS is_return, "
+        f"first_seen, bitOr({bit('first_seen', 'bucket')}, {bit('last_seen', 'bucket')}) AS periods "
+        f"FROM activity_weeks WHERE (event_name = {start_name} AND {start_rows}) "
+        f"OR (event_name = {return_name} AND {in_range})"
+    )
     # The events after the last cut the rollup cannot place: from the end's period start (or the
     # end's bucket start, whichever is later) to the end.
     end_utc = time_range.end.astimezone(UTC)
     last_period = period_starts(definition.period, settings, end_utc - timedelta(milliseconds=1), 1)[0]
     bucket_start = datetime.fromtimestamp(int(end_utc.timestamp()) // _BUCKET * _BUCKET, UTC)
-    edge = q.param(max(last_period.astimezone(UTC), bucket_start), t)
-
-    def bit(ts: str) -> str:
-        i = _period_index(q, definition.period, settings, time_range.start, ts)
-        return f"if({ts} < {end} AND {i} >= 0 AND {i} < {n}, bitShiftLeft(toUInt64(1), toUInt8({i})), toUInt64(0))"
-
-    closing = f"if(last_seen < {end}, last_seen, first_seen)"
-    bucket_of = f"toDateTime(intDiv(toUnixTimestamp({lower_bucket}), {_BUCKET}) * {_BUCKET}, 'UTC')"
-    in_range = f"bucket >= {bucket_of} AND bucket < {end}"
-    # First-time cohorts need every start event before the end, also before the periods.
-    start_rows = f"bucket < {end}" if definition.cohort_type == "first_time" else in_range
-    rollup = (
-        f"SELECT anonymous, actor, event_name = {start_name} AS is_start, event_name = {return_name} AS is_return, "
-        f"first_seen, bitOr({bit('first_seen')}, {bit(closing)}) AS periods FROM activity_weeks "
-        f"WHERE (event_name = {start_name} AND {start_rows}) OR (event_name = {return_name} AND {in_range})"
-    )
+    edge = max(last_period.astimezone(UTC), bucket_start)
     start_cond = q.event_condition(definition.start_event.event_name)
     return_cond = q.event_condition(definition.return_event.event_name)
     edge_events = (
         f"SELECT user_id = '' AS anonymous, if(user_id != '', user_id, anonymous_id) AS actor, "
-        f"{start_cond} AS is_start, {return_cond} AS is_return, timestamp AS first_seen, {bit('timestamp')} AS periods "
-        f"FROM events WHERE timestamp >= {edge} AND timestamp < {end} AND ({start_cond} OR {return_cond})"
+        f"{start_cond} AS is_start, {return_cond} AS is_return, timestamp AS first_seen, "
+        f"{q.param(placed.bit(edge), 'UInt64')} AS periods "
+        f"FROM events WHERE timestamp >= {q.param(edge, t)} AND timestamp < {end} AND ({start_cond} OR {return_cond})"
     )
     stitched = (
-        f"SELECT actor AS person_id, is_start, is_return, first_seen, periods FROM activity WHERE NOT anonymous "
-        f"UNION ALL SELECT if(l.user_id != '', l.user_id, a.actor) AS person_id, is_start, is_return, first_seen, "
-        f"periods FROM (SELECT * FROM activity WHERE anonymous) AS a LEFT ANY JOIN ({_LINKS}) AS l "
-        f"ON l.anonymous_id = a.actor"
+        f"SELECT if(a.anonymous AND links.user_id != '', links.user_id, a.actor) AS person_id, is_start, is_return, "
+        f"first_seen, periods FROM ({rollup} UNION ALL {edge_events}) AS a "
+        f"LEFT ANY JOIN ({_LINKS}) AS links ON links.anonymous_id = if(a.anonymous, a.actor, '')"
     )
     if definition.cohort_type == "first_time":
+        # Without start rows the minimum is the epoch, before every bucket: no bit.
         first = "minIf(first_seen, is_start)"
-        i = _period_index(q, definition.period, settings, time_range.start, first)
-        cohorts = (
-            f"if(countIf(is_start) > 0 AND {first} < {end} AND {i} >= 0 AND {i} < {n}, "
-            f"bitShiftLeft(toUInt64(1), toUInt8({i})), toUInt64(0))"
-        )
+        cohorts = bit(first, first)
     else:
         cohorts = "groupBitOrIf(periods, is_start)"
     return (
-        f"WITH activity AS ({rollup} UNION ALL {edge_events}) "
         f"SELECT person_id, {cohorts} AS cohorts, bitAnd(groupBitOrIf(periods, is_return), {_ALL_BUT_PERIOD_0}) "
         f"AS back FROM ({stitched}) WHERE {q.in_cohort(cohort_id)} GROUP BY person_id HAVING cohorts != 0"
     )

@@ -140,3 +140,46 @@ def test_range_ending_inside_a_bucket_reads_the_events_before_the_end(ch_db: Cli
         want = retention_reference(events, definition, start, end, tz, 1)
         assert want[0] == [2, 2, 2]
         assert [c.counts for c in got.cohorts] == want
+
+
+@pytest.mark.parametrize("period", ["week", "month"])
+def test_twelve_weeks_across_dst_ending_inside_a_bucket(ch_db: Client, period: str) -> None:
+    """New York, weeks from Sunday, across the 2026-03-08 DST change; the range ends on a Tuesday
+    (mid-bucket) with events after the end in the end's bucket.
+
+    ``edgy``'s return in the end's period (Monday 4 May, a week and a month start after the turn
+    of their bucket) is known only from the events: their rollup row for the bucket runs from
+    Thursday 30 April (the period before) to Wednesday 6 May (after the end).
+    """
+    rng = random.Random(21)
+    events, batches = random_history(rng, people=60, days=110)
+    edgy = [
+        Event("signup", datetime(2026, 2, 25, 12, tzinfo=UTC), user_id="edgy"),
+        Event("login", datetime(2026, 4, 30, 12, tzinfo=UTC), user_id="edgy"),
+        Event("login", datetime(2026, 5, 4, 12, tzinfo=UTC), user_id="edgy"),
+        Event("login", datetime(2026, 5, 6, 12, tzinfo=UTC), user_id="edgy"),
+    ]
+    events += edgy
+    for batch in [*batches, edgy]:
+        insert_events(ch_db, batch)
+    settings = AnalysisSettings(timezone="America/New_York", week_start=7)
+    start = datetime(2026, 2, 20, 15, tzinfo=UTC)
+    end = datetime(2026, 5, 5, 19, 0, 0, 500000, tzinfo=UTC)  # a Tuesday, in period 11 (weeks) or 3 (months)
+    for cohort_type in ("first_time", "recurring"):
+        for return_type in ("on", "on_or_after"):
+            definition = RetentionDefinition(
+                start_event=EventSpec(event_name="signup"),
+                period=period,
+                periods=12 if period == "week" else 4,
+                cohort_type=cohort_type,
+                return_type=return_type,
+            )
+            got = compute_retention(ch_db, definition, TimeRange(start=start, end=end), settings)
+            want = retention_reference(events, definition, start, end, settings.timezone, settings.week_start)
+            assert sum(row[0] for row in want) > 5 and any(v for row in want for v in row[1:])
+            assert [c.counts for c in got.cohorts] == want, (definition, start, end)
+            # Without the events between the end's period start and the end, edgy's cohort would miss a return.
+            without = retention_reference(
+                [e for e in events if e is not edgy[2]], definition, start, end, settings.timezone, settings.week_start
+            )
+            assert without != want
