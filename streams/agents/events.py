@@ -6,8 +6,9 @@ For every partition of ``events.raw`` it holds a :class:`~streams.processor.Part
 
 1. changed sessions are published to ``sessions`` (an open one at most every
    ``SESSION_PUBLISH_EVERY`` seconds, a closed one at once), and changed windows to
-   ``metrics.partials``: one batch per lane, each partial the partition's full value of
-   a window (never a delta), then the partition's watermark;
+   ``metrics.partials``: one batch per lane (several when it would pass
+   ``PARTIAL_BATCH_BYTES``), each partial the partition's full value of a window (never a
+   delta), then the partition's watermark, announced by the lane's last batch;
 2. at most every ``CHECKPOINT_EVERY_SECONDS`` (or when ``stream_flush_events`` events
    wait), the outputs are made durable (the producer is flushed and every delivery
    confirmed), then the partition's whole state and the offset it reflects are written,
