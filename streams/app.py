@@ -46,17 +46,15 @@ their checkpoints) over them. Anomaly detection keeps one detector bank per work
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import faust
-from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from streams.agents.anomalies import register_anomaly_agent
 from streams.agents.checkpoints import ensure_checkpoint_topic
 from streams.agents.events import EventsConsumer, checkpoint_topic
 from streams.agents.metrics import PARTIALS_PARTITIONS, PARTIALS_TOPIC, MetricsConsumer, merge_checkpoint_topic
-from streams.agents.threaded import run_as_service
+from streams.agents.threaded import DurableProducer, run_as_service
 from streams.aggregators import compile_catalogue
 from streams.catalogue import get_catalogue
 from tidemark.settings import Settings
@@ -120,31 +118,13 @@ def create_app(settings: Settings) -> faust.App:
     merging = MetricsConsumer(settings, aggregators, source_partitions, partition_count(settings, METRICS))
     run_as_service(app, merging, "metric merging")
 
-    # Anomalies go out through librdkafka; the anomaly stage flushes it before it checkpoints.
-    producer = Producer({
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "enable.idempotence": True,
-        "linger.ms": 20,
-    })
-
-    def publisher(topic_name: str) -> Any:
-        def publish(key: bytes, value: bytes) -> None:
-            while True:
-                try:
-                    producer.produce(topic_name, key=key, value=value)
-                    return
-                except BufferError:  # local queue full: let deliveries drain
-                    producer.poll(0.05)
-
-        return publish
-
-    def outputs_durable() -> None:
-        if producer.flush(60) != 0:
-            raise RuntimeError("anomalies were not delivered within 60 s; not checkpointing")
+    # Anomalies go out through librdkafka; the anomaly stage makes them durable before it checkpoints.
+    anomalies_out = DurableProducer(settings)
 
     # Anomaly detection: metric snapshots -> anomalies, in a consumer thread with its own checkpoint.
-    anomaly_agent = register_anomaly_agent(app, settings, catalogue, publisher, outputs_durable,
-                                           lanes=PARTIALS_PARTITIONS)
+    anomaly_agent = register_anomaly_agent(
+        app, settings, catalogue, anomalies_out.publisher, anomalies_out.durable, lanes=PARTIALS_PARTITIONS
+    )
 
     app.tidemark_events_consumer = events  # type: ignore[attr-defined]
     app.tidemark_anomaly_agent = anomaly_agent  # type: ignore[attr-defined]

@@ -51,14 +51,14 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import Counter
 
 from schemas.anomaly import Anomaly
 from schemas.codec import SchemaError
 from schemas.streams import MetricSnapshot, metric_snapshot_codec, series_key_of
 from streams.agents import checkpoints
-from streams.agents.threaded import ConsumerThread, run_as_service
+from streams.agents.threaded import ConsumerThread, DurableProducer, run_as_service
 from streams.anomaly.series import BankConfig, DetectorBank, anomaly_messages, series_key
 from streams.catalogue import Aggregation, Catalogue
 from streams.windows import series_lane
@@ -358,19 +358,13 @@ def build_anomaly_agent(
     from tidemark.topics import ANOMALIES
 
     is_additive = additive_metrics(catalogue)
-    # The checkpoint can weigh megabytes: its own producer takes messages as large as the topic does.
-    state_producer = Producer({
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "enable.idempotence": True,
-        "message.max.bytes": checkpoints.MAX_CHECKPOINT_BYTES,
-        "compression.type": "none",  # already compressed
-    })
-    state_topic = anomaly_state_topic(settings)
+    # The checkpoint can weigh megabytes: it goes out through a producer of its own, confirmed at once.
+    state_producer = DurableProducer(settings)
+    publish_state = state_producer.publisher(anomaly_state_topic(settings))
 
     def save_state(blob: bytes) -> None:
-        state_producer.produce(state_topic, key=CHECKPOINT_KEY, value=blob)
-        if state_producer.flush(60) != 0:
-            raise RuntimeError("the anomaly checkpoint was not delivered within 60 s; not acknowledging")
+        publish_state(CHECKPOINT_KEY, blob)
+        state_producer.durable()
 
     def bank_factory(state: bytes | None) -> DetectorBank:
         if state is None:
