@@ -396,6 +396,7 @@ class AnomalyConsumer(ConsumerThread):
     """
 
     thread_name = "anomaly-consumer"
+    after_failure = "the bank restarts from its checkpoint"
 
     def __init__(
         self,
@@ -424,31 +425,23 @@ class AnomalyConsumer(ConsumerThread):
             self.agent.flush(force_checkpoint=True)
             self._commit(consumer)
 
-    def _run(self) -> None:
-        consumer = self._consumer()
+    def _loop(self, consumer: Consumer) -> None:
         # Judging touches every series and the checkpoint serialises the whole bank: at most once a second.
         flush_every = max(self.settings.stream_flush_seconds, 1.0)
-        try:
-            consumer.subscribe([self.topic], on_revoke=self._on_revoke)
-            flushed_at = time.monotonic()
-            on_message = self.agent.on_message
-            while not self._stopping.is_set():
-                for message in self._consume(consumer, 0.2):
-                    on_message(message.value(), (message.partition(), message.offset()))
-                now = time.monotonic()
-                if now - flushed_at >= flush_every:
-                    self.agent.flush()
-                    self._commit(consumer)
-                    flushed_at = now
-            self.agent.flush(force_checkpoint=True)
-            self._commit(consumer)
-            log.info("Anomaly consumer stopped: bank checkpointed and offsets committed")
-        except BaseException as exc:
-            self.failure = exc
-            log.exception("Anomaly consumer failed; the worker stops (the bank restarts from its checkpoint)")
-        finally:
-            self._closing = True
-            consumer.close()
+        consumer.subscribe([self.topic], on_revoke=self._on_revoke)
+        flushed_at = time.monotonic()
+        on_message = self.agent.on_message
+        while not self._stopping.is_set():
+            for message in self._consume(consumer, 0.2):
+                on_message(message.value(), (message.partition(), message.offset()))
+            now = time.monotonic()
+            if now - flushed_at >= flush_every:
+                self.agent.flush()
+                self._commit(consumer)
+                flushed_at = now
+        self.agent.flush(force_checkpoint=True)
+        self._commit(consumer)
+        log.info("Anomaly consumer stopped: bank checkpointed and offsets committed")
 
 
 def register_anomaly_agent(

@@ -457,34 +457,26 @@ class EventsConsumer(ConsumerThread):
         for partition in lost:
             self._to_commit.pop(partition, None)
 
-    def _run(self) -> None:
+    def _loop(self, consumer: Consumer) -> None:
         settings = self.settings
-        consumer = self._consumer()
         flush_every = settings.stream_flush_seconds
         commit_every = settings.stream_commit_seconds
-        try:
-            consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
-            flushed_at = committed_at = time.monotonic()
-            on_message = self.agent.on_message
-            while not self._stopping.is_set():
-                for message in self._consume(consumer, min(0.2, flush_every)):
-                    on_message(message.partition(), message.offset(), message.value())
-                now = time.monotonic()
-                if now - flushed_at >= flush_every:
-                    self.agent.flush_all()
-                    self.producer.poll(0)  # serve delivery reports
-                    flushed_at = now
-                if self._to_commit and now - committed_at >= commit_every:
-                    self._commit(consumer)
-                    committed_at = now
-            # Stopping: checkpoint and commit every partition, so the next owner replays nothing.
-            for partition in list(self.agent.processors):
-                self.agent.flush(partition, force_checkpoint=True)
-            self._commit(consumer)
-            log.info("Events consumer stopped: %d partitions checkpointed and committed", len(self.agent.processors))
-        except BaseException as exc:
-            self.failure = exc
-            log.exception("Events consumer failed; the worker stops (the next owner replays from the checkpoint)")
-        finally:
-            self._closing = True
-            consumer.close()
+        consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
+        flushed_at = committed_at = time.monotonic()
+        on_message = self.agent.on_message
+        while not self._stopping.is_set():
+            for message in self._consume(consumer, min(0.2, flush_every)):
+                on_message(message.partition(), message.offset(), message.value())
+            now = time.monotonic()
+            if now - flushed_at >= flush_every:
+                self.agent.flush_all()
+                self.producer.poll(0)  # serve delivery reports
+                flushed_at = now
+            if self._to_commit and now - committed_at >= commit_every:
+                self._commit(consumer)
+                committed_at = now
+        # Stopping: checkpoint and commit every partition, so the next owner replays nothing.
+        for partition in list(self.agent.processors):
+            self.agent.flush(partition, force_checkpoint=True)
+        self._commit(consumer)
+        log.info("Events consumer stopped: %d partitions checkpointed and committed", len(self.agent.processors))

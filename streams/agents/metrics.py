@@ -287,6 +287,7 @@ class MetricsConsumer(ConsumerThread):
     """
 
     thread_name = "metrics-merging"
+    after_failure = "the next owner replays from the checkpoints"
 
     def __init__(
         self,
@@ -356,52 +357,44 @@ class MetricsConsumer(ConsumerThread):
         log.warning("Lanes %s lost to another worker: their state is dropped, not committed", sorted(lost))
         self._forget(lost)
 
-    def _run(self) -> None:
+    def _loop(self, consumer: Consumer) -> None:
         settings = self.settings
-        consumer = self._consumer()
         flush_every = settings.stream_flush_seconds
-        try:
-            consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
-            flushed_at = checkpointed_at = evicted_at = received_at = time.monotonic()
-            on_batch = self.agent.on_batch
-            while not self._stopping.is_set():
-                messages = self._consume(consumer, min(0.2, flush_every))
-                for message in messages:
-                    lane, offset = message.partition(), message.offset()
-                    if lane is None or offset is None:  # only error events lack them
-                        continue
-                    if lane not in self._loaded:
-                        self._load(lane)
-                    try:
-                        batch = decode_partial_batch(message.value() or b"")
-                    except SchemaError as exc:  # never stop the stream on one bad message
-                        log.warning("Skipping undecodable partials at %d:%d: %s", lane, offset, exc)
-                        self.agent.skip(lane, offset)
-                        self._dirty.add(lane)
-                        continue
-                    if on_batch(lane, batch, offset):
-                        self._dirty.add(lane)
-                now = time.monotonic()
-                if now - flushed_at >= flush_every:
-                    self.agent.publish_changed(now)
-                    self.producer.poll(0)  # serve delivery reports
-                    flushed_at = now
-                if now - evicted_at >= EVICT_EVERY_SECONDS:
-                    self.agent.evict()
-                    evicted_at = now
-                if messages:
-                    received_at = now
-                idle = now - received_at >= CHECKPOINT_IDLE_SECONDS
-                if self._dirty and (idle or now - checkpointed_at >= CHECKPOINT_EVERY_SECONDS):
-                    self.checkpoint(set(self._dirty))
-                    self._commit(consumer)
-                    checkpointed_at = now
-            self.checkpoint(set(self._dirty))  # stopping: the next owner replays nothing
-            self._commit(consumer)
-            log.info("Metric merging stopped: %d lanes checkpointed and committed", len(self._loaded))
-        except BaseException as exc:
-            self.failure = exc
-            log.exception("Metric merging failed; the worker stops (the next owner replays from the checkpoints)")
-        finally:
-            self._closing = True
-            consumer.close()
+        consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
+        flushed_at = checkpointed_at = evicted_at = received_at = time.monotonic()
+        on_batch = self.agent.on_batch
+        while not self._stopping.is_set():
+            messages = self._consume(consumer, min(0.2, flush_every))
+            for message in messages:
+                lane, offset = message.partition(), message.offset()
+                if lane is None or offset is None:  # only error events lack them
+                    continue
+                if lane not in self._loaded:
+                    self._load(lane)
+                try:
+                    batch = decode_partial_batch(message.value() or b"")
+                except SchemaError as exc:  # never stop the stream on one bad message
+                    log.warning("Skipping undecodable partials at %d:%d: %s", lane, offset, exc)
+                    self.agent.skip(lane, offset)
+                    self._dirty.add(lane)
+                    continue
+                if on_batch(lane, batch, offset):
+                    self._dirty.add(lane)
+            now = time.monotonic()
+            if now - flushed_at >= flush_every:
+                self.agent.publish_changed(now)
+                self.producer.poll(0)  # serve delivery reports
+                flushed_at = now
+            if now - evicted_at >= EVICT_EVERY_SECONDS:
+                self.agent.evict()
+                evicted_at = now
+            if messages:
+                received_at = now
+            idle = now - received_at >= CHECKPOINT_IDLE_SECONDS
+            if self._dirty and (idle or now - checkpointed_at >= CHECKPOINT_EVERY_SECONDS):
+                self.checkpoint(set(self._dirty))
+                self._commit(consumer)
+                checkpointed_at = now
+        self.checkpoint(set(self._dirty))  # stopping: the next owner replays nothing
+        self._commit(consumer)
+        log.info("Metric merging stopped: %d lanes checkpointed and committed", len(self._loaded))

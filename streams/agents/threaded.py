@@ -71,9 +71,10 @@ class DurableProducer:
 
 
 class ConsumerThread:
-    """A consuming loop (:meth:`_run`, written by subclasses) in a daemon thread of its own."""
+    """A consuming loop (:meth:`_loop`, written by subclasses) in a daemon thread of its own."""
 
     thread_name = "consumer"
+    after_failure = "the next owner replays from the checkpoint"  # what a restart does, for the failure's log
 
     def __init__(self, settings: Settings, topic: str, group: str, batch_size: int) -> None:
         self.settings = settings
@@ -103,6 +104,19 @@ class ConsumerThread:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        """The thread's body: :meth:`_loop` on a fresh consumer; a failure is kept in :attr:`failure`."""
+        consumer = self._consumer()
+        try:
+            self._loop(consumer)
+        except BaseException as exc:
+            self.failure = exc
+            log.exception("%s failed; the worker stops (%s)", self.thread_name, self.after_failure)
+        finally:
+            self._closing = True
+            consumer.close()
+
+    def _loop(self, consumer: Consumer) -> None:
+        """Subscribe, consume until :meth:`stop` is asked, then checkpoint and commit (written by subclasses)."""
         raise NotImplementedError
 
     def _consumer(self) -> Consumer:
