@@ -401,14 +401,16 @@ def _rollup_per_person(
     t = "DateTime64(3, 'UTC')"
     end = q.param(time_range.end, t)
     end_ms = q.param(placed.end, "Int64")
-    origin = q.param(placed.origin, "Int64")
+    first_bucket = q.param(placed.origin // _BUCKET, "Int64")
     cuts = q.param(placed.cuts, "Array(Int64)")
     early = q.param(placed.early, "Array(UInt64)")
     late = q.param(placed.late, "Array(UInt64)")
 
     def bit(instant: str, bucket: str) -> str:
-        # Entries count from 1; 0 (a bucket before the origin) reads the arrays' defaults: no bit.
-        j = f"greatest(intDiv(toInt64(toUnixTimestamp({bucket})) - {origin}, {_BUCKET}) + 1, 0)"
+        # Entries count from 1; 0 (a bucket before the origin) reads the arrays' defaults: no bit. The
+        # bucket number is taken of the (unsigned) timestamp before the origin's is subtracted: intDiv
+        # rounds toward zero, so it would put an instant less than a bucket before the origin in bucket 0.
+        j = f"greatest(toInt64(intDiv(toUnixTimestamp({bucket}), {_BUCKET})) - {first_bucket} + 1, 0)"
         ms = f"toUnixTimestamp64Milli({instant})"
         return f"if({ms} < {cuts}[{j}], {early}[{j}], if({ms} < {end_ms}, {late}[{j}], 0))"
 

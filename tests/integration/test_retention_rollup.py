@@ -183,3 +183,24 @@ def test_twelve_weeks_across_dst_ending_inside_a_bucket(ch_db: Client, period: s
                 [e for e in events if e is not edgy[2]], definition, start, end, settings.timezone, settings.week_start
             )
             assert without != want
+
+
+def test_a_first_start_event_in_the_week_before_a_period_starting_on_a_bucket_edge(ch_db: Client) -> None:
+    """January 2026 starts on a Thursday, 00:00 UTC: a bucket's first instant. A first signup four days
+    before it is before every period (no cohort), however close it is to the first bucket."""
+    at = datetime.fromisoformat
+    events = [
+        Event("signup", at("2025-12-28T10:00:00+00:00"), user_id="early"),  # before period 0: in no cohort
+        Event("login", at("2026-01-12T10:00:00+00:00"), user_id="early"),
+        Event("login", at("2026-02-03T10:00:00+00:00"), user_id="early"),
+        Event("signup", at("2026-01-05T10:00:00+00:00"), user_id="jan"),
+        Event("login", at("2026-02-10T10:00:00+00:00"), user_id="jan"),
+    ]
+    insert_events(ch_db, events)
+    settings = AnalysisSettings(timezone="UTC")
+    start, end = at("2026-01-10T00:00:00+00:00"), at("2026-03-10T00:00:00+00:00")
+    definition = RetentionDefinition(start_event=EventSpec(event_name="signup"), period="month", periods=3)
+    got = compute_retention(ch_db, definition, TimeRange(start=start, end=end), settings)
+    want = retention_reference(events, definition, start, end, "UTC", 1)
+    assert want[0] == [1, 1, 0]
+    assert [c.counts for c in got.cohorts] == want
