@@ -438,7 +438,8 @@ def _rollup_per_person(
         f"SELECT user_id = '' AS anonymous, if(user_id != '', user_id, anonymous_id) AS actor, "
         f"{start_cond} AS is_start, {return_cond} AS is_return, timestamp AS first_seen, "
         f"{q.param(placed.bit(edge), 'UInt64')} AS periods "
-        f"FROM events WHERE timestamp >= {q.param(edge, t)} AND timestamp < {end} AND ({start_cond} OR {return_cond})"
+        f"FROM events WHERE {q.time_range(TimeRange(start=edge, end=time_range.end))} "
+        f"AND ({start_cond} OR {return_cond})"
     )
     stitched = (
         f"SELECT if(a.anonymous AND links.user_id != '', links.user_id, a.actor) AS person_id, is_start, is_return, "
