@@ -111,7 +111,7 @@ def test_clickhouse_field_semantics() -> None:
 @pytest.mark.parametrize(
     "name",
     ["streams.events", "streams.sessions", "streams.sketches", "streams.aggregators", "streams.periods",
-     "streams.windows"],
+     "streams.windows", "streams.merging"],
 )
 def test_docstring_examples_run(name: str) -> None:
     import doctest
