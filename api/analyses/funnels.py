@@ -267,7 +267,7 @@ def _per_person_sql(
             ["if(first_other = 0, from_start, arraySlice(from_start, 1, first_other - 1)) AS run"],
             [as_pairs("run")],
             [f"{_attempt_fold(n)} AS fold"],
-            ["arrayFilter(c -> notEmpty(c), fold.3) AS reached"],
+            ["arrayFilter(c -> notEmpty(c), fold.2) AS reached"],
             ["if(empty(reached), CAST([] AS Array(UInt64)), reached[-1]) AS chain"],
             ["toUInt8(length(chain)) AS level"],
             ["throwIf(level != wf_level, 'funnel attempt disagrees with windowFunnel') AS guard"],
@@ -368,27 +368,25 @@ def _ordered_attempts(n: int) -> list[list[str]]:
 def _attempt_fold(n: int) -> str:
     """Strict funnels: ``arrayFold`` replaying windowFunnel's ``strict_order`` over sorted ``(t, step)`` entries.
 
-    Accumulator ``(stopped, seen_step_1, attempts)`` where ``attempts[k]`` holds the step
-    times of the latest attempt that reached step ``k``; step 0 is any other event. Kept in
-    SQL so ClickHouse does the work per person and times come from the attempt that gave
-    the level.
+    The entries are a person's run from their first step-1 event up to the first event of no
+    step (see the strict layers of the per-person query), so the replay starts at a step 1 and
+    never meets another event. Accumulator ``(stopped, attempts)`` where ``attempts[k]`` holds
+    the step times of the latest attempt that reached step ``k``; a step whose previous step
+    was never reached stops it, as strict order does. Kept in SQL so ClickHouse does the work
+    per person and times come from the attempt that gave the level.
     """
-    strict = True
-    def set_slot(k: str, value: str) -> str:
-        return f"arrayMap((c, j) -> if(j = {k}, {value}, c), acc.3, arrayEnumerate(acc.3))"
 
-    stop = "(toUInt8(1), acc.2, acc.3)"
-    other = f"if(acc.2 = 1, {stop}, acc)" if strict else "acc"
-    skip_ahead = other  # a step whose previous step is missing: strict stops, ordered ignores
+    def set_slot(k: str, value: str) -> str:
+        return f"arrayMap((c, j) -> if(j = {k}, {value}, c), acc.2, arrayEnumerate(acc.2))"
+
     body = (
-        f"if(acc.1 = 1 OR notEmpty(acc.3[{n}]), acc, "
-        f"if(e.2 = 0, {other}, "
-        f"if(e.2 = 1, (acc.1, toUInt8(1), {set_slot('1', '[e.1]')}), "
-        f"if(empty(acc.3[e.2 - 1]), {skip_ahead}, "
-        f"if(e.1 <= acc.3[e.2 - 1][1] + w, (acc.1, acc.2, {set_slot('e.2', 'arrayPushBack(acc.3[e.2 - 1], e.1)')}), "
-        "acc)))))"
+        f"if(acc.1 = 1 OR notEmpty(acc.2[{n}]), acc, "
+        f"if(e.2 = 1, (acc.1, {set_slot('1', '[e.1]')}), "
+        "if(empty(acc.2[e.2 - 1]), (toUInt8(1), acc.2), "
+        f"if(e.1 <= acc.2[e.2 - 1][1] + w, (acc.1, {set_slot('e.2', 'arrayPushBack(acc.2[e.2 - 1], e.1)')}), "
+        "acc))))"
     )
-    init = f"(toUInt8(0), toUInt8(0), arrayMap(i -> CAST([] AS Array(UInt64)), range({n})))"
+    init = f"(toUInt8(0), arrayMap(i -> CAST([] AS Array(UInt64)), range({n})))"
     return f"arrayFold((acc, e) -> {body}, entries, {init})"
 
 
