@@ -174,7 +174,7 @@ def _decode_current(data: bytes) -> StreamEvent:
     length-prefixed UTF-8, union branch indexes) and builds the event directly. Every
     bytecode counts here (it runs once per event), hence the fields written out one by
     one, the short varints read inline (a length under 64 takes one byte, under 8,192
-    two; a timestamp of this century six) and the rest by :func:`_varint`.
+    two; a timestamp in milliseconds up to September 2039 six) and the rest by :func:`_varint`.
     """
     size = len(data)
     try:

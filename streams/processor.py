@@ -30,7 +30,7 @@ import orjson
 
 from streams.aggregators import MetricAggregator
 from streams.periods import PeriodCalendar
-from streams.sessions import SESSION_FIELDS, SessionTracker, SessionWindow, session_values
+from streams.sessions import SESSION_WINDOW_FIELDS, SessionTracker, SessionWindow, session_values
 from streams.windows import DEFAULT_GRACE, MetricPartial, WindowedMetrics
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,6 @@ class PartitionProcessor:
         Call right after :meth:`flush` (nothing is pending then, so what was published and
         what is checkpointed agree).
         """
-        values_of = session_values
         document = {
             "format": CHECKPOINT_FORMAT,
             "partition": self.partition,
@@ -131,9 +130,9 @@ class PartitionProcessor:
             "metrics": self.metrics.state(),
             "session_late": self.sessions.late_events,
             # Sessions as arrays of their fields, named once: half the size of objects, and faster to write.
-            "session_fields": SESSION_FIELDS,
-            "open_sessions": [values_of(s) for s in self.sessions.open.values()],
-            "dirty_sessions": [values_of(s) for s in self.sessions.dirty.values()],
+            "session_fields": SESSION_WINDOW_FIELDS,
+            "open_sessions": [session_values(s) for s in self.sessions.open.values()],
+            "dirty_sessions": [session_values(s) for s in self.sessions.dirty.values()],
         }
         return lz4.frame.compress(orjson.dumps(document))
 

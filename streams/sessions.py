@@ -32,7 +32,7 @@ import hashlib
 import heapq
 import logging
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
@@ -77,14 +77,7 @@ def first_touch(context: Mapping[str, Any]) -> dict[str, str]:
     """
     if not isinstance(context, Mapping):
         context = {}
-    touch: dict[str, str] = {}
-    for name, outer, inner in _TOUCH:
-        node = context.get(outer)
-        if node is not None and (type(node) is dict or isinstance(node, Mapping)):
-            value = node.get(inner)
-            touch[name] = value if isinstance(value, str) else ""
-        else:
-            touch[name] = ""
+    touch = {name: _inner_text(context, outer, inner) for name, outer, inner in _TOUCH}
     browser, os_name = touch["browser"], touch["os"]
     user_agent = as_text(context.get("userAgent"))
     if user_agent and not (browser and os_name):
@@ -156,14 +149,9 @@ class SessionWindow:
 
 
 # Every field of a session, in declaration order (what the positional constructor takes).
-SESSION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SessionWindow))
-_session_fields = operator.attrgetter(*SESSION_FIELDS)
-
-
-def session_values(session: SessionWindow) -> tuple[Any, ...]:
-    """Every field of ``session``, in declaration order: ``SessionWindow(*session_values(s))`` copies it."""
-    values: tuple[Any, ...] = _session_fields(session)
-    return values
+SESSION_WINDOW_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SessionWindow))
+#: Every field of a session, in declaration order: ``SessionWindow(*session_values(s))`` copies it.
+session_values: Callable[[SessionWindow], tuple[Any, ...]] = operator.attrgetter(*SESSION_WINDOW_FIELDS)
 
 
 class SessionTracker:
@@ -270,9 +258,8 @@ class SessionTracker:
 
     def take_dirty(self) -> list[SessionWindow]:
         """The sessions changed since the last call (copies of the open ones: they may keep changing)."""
-        values_of = _session_fields
         # A closed session is out of ``open`` and never changes again: it is handed over as it is.
-        out = [s if s.closed else SessionWindow(*values_of(s)) for s in self.dirty.values()]
+        out = [s if s.closed else SessionWindow(*session_values(s)) for s in self.dirty.values()]
         self.dirty.clear()
         return out
 

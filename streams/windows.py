@@ -932,7 +932,7 @@ class _EventRoute:
     inline), and which of the event's keys it takes (None: all of them).
     """
 
-    __slots__ = ("read_dimensions", "observers", "plans", "_groups", "_bits")
+    __slots__ = ("read_dimensions", "observers", "plans", "_bits")
 
     def __init__(self, event_name: str, groups: list[_WindowGroup]) -> None:
         from streams.catalogue import DIMENSIONS
@@ -942,7 +942,6 @@ class _EventRoute:
         self.read_dimensions = texts_reader(((d, self._bits[d]), DIMENSIONS[d]) for d in dims)
         self.observers = [(g, g.agg.observer(event_name)) for g in groups]
         self.plans: dict[int, list[_PlanStep]] = {}
-        self._groups = groups
 
     def plan(self, present: int) -> list[_PlanStep]:
         """The plan for events carrying the dimensions whose bits are ``present``."""
