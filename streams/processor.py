@@ -161,12 +161,7 @@ class PartitionProcessor:
             names = document["session_fields"]
             open_sessions = [SessionWindow(**dict(zip(names, s, strict=True))) for s in document["open_sessions"]]
             dirty_sessions = [SessionWindow(**dict(zip(names, s, strict=True))) for s in document["dirty_sessions"]]
-        self.sessions.open = {s.device_id: s for s in open_sessions}
-        self.sessions.dirty = {s.session_id: s for s in dirty_sessions}
-        # An open session that is also dirty must be one object, so later events update both views.
-        for session in self.sessions.open.values():
-            if session.session_id in self.sessions.dirty:
-                self.sessions.dirty[session.session_id] = session
+        self.sessions.restore(open_sessions, dirty_sessions)
         by_id = {s.session_id: s for s in self.sessions.open.values()}
         if version == 1:
             self.metrics.restore_format_1(document, [*self.sessions.dirty.values(), *by_id.values()])

@@ -177,7 +177,14 @@ class SessionTracker:
         # whose session is gone is dropped when it comes up; one that comes up early is pushed again.
         self._expiry: list[tuple[int, str, str]] = []
         self._starts: list[tuple[int, str, str]] = []
-        self._indexed: dict[str, SessionWindow] | None = None  # the ``open`` the heaps describe
+
+    def restore(self, open_sessions: list[SessionWindow], dirty_sessions: list[SessionWindow]) -> None:
+        """Resume with these open and changed sessions (an open one also changed is one object in both)."""
+        self.open = {s.device_id: s for s in open_sessions}
+        by_id = {s.session_id: s for s in open_sessions}
+        # An open session that is also dirty must be one object, so later events update both views.
+        self.dirty = {s.session_id: by_id.get(s.session_id, s) for s in dirty_sessions}
+        self._index()
 
     def add(self, event: StreamEvent, user_id: str = "") -> SessionWindow | None:
         """Apply ``event``; ``user_id`` is the device's stitched user when the event has none."""
@@ -205,9 +212,8 @@ class SessionTracker:
         if session is None:
             session = SessionWindow.start(event, event.user_id or user_id)
             self.open[device] = session
-            if self._indexed is self.open:
-                heapq.heappush(self._expiry, (self._expires_at(session), device, session.session_id))
-                heapq.heappush(self._starts, (ts, device, session.session_id))
+            heapq.heappush(self._expiry, (self._expires_at(session), device, session.session_id))
+            heapq.heappush(self._starts, (ts, device, session.session_id))
         self.dirty[session.session_id] = session
         return session
 
@@ -216,10 +222,7 @@ class SessionTracker:
         return min(session.last_seen_at + self.gap_ms, session.started_at + self.max_length_ms) + self.grace_ms
 
     def _index(self) -> None:
-        # (Re)build the heaps when ``open`` was replaced (a restore), or the starts heap holds mostly gone sessions.
-        if self._indexed is self.open and len(self._starts) <= 2 * len(self.open) + 1000:
-            return
-        self._indexed = self.open
+        # Build the heaps from ``open`` (a restore).
         self._expiry = [(self._expires_at(s), device, s.session_id) for device, s in self.open.items()]
         self._starts = [(s.started_at, device, s.session_id) for device, s in self.open.items()]
         heapq.heapify(self._expiry)
@@ -227,7 +230,8 @@ class SessionTracker:
 
     def expire(self, watermark_ms: int) -> int:
         """Close sessions whose inactivity (plus grace) or length has run out by ``watermark_ms``."""
-        self._index()
+        if len(self._starts) > 2 * len(self.open) + 1000:  # mostly sessions gone since: rebuild
+            self._index()
         heap, open_sessions, expired = self._expiry, self.open, 0
         while heap and heap[0][0] <= watermark_ms:
             _at, device, session_id = heapq.heappop(heap)
@@ -246,7 +250,6 @@ class SessionTracker:
 
     def oldest_open_start(self) -> int | None:
         """Start of the oldest open session (session-metric windows wait for it)."""
-        self._index()
         heap, open_sessions = self._starts, self.open
         while heap:
             started_at, device, session_id = heap[0]
