@@ -45,15 +45,21 @@ class LocalPipeline:
         """The partition ``events.raw`` would put the event in (stable hash of the device id)."""
         return zlib.crc32(event.device_id.encode()) % len(self.processors)
 
-    def feed(self, events: Iterable[AnalyticsEvent], flush_every: int = 50) -> list[tuple[int, int, StreamEvent]]:
-        """Process events in order; returns (partition, offset, event) as a log, for replays."""
-        log = []
-        for i, model in enumerate(events, 1):
+    def log(self, events: Iterable[AnalyticsEvent]) -> list[tuple[int, int, StreamEvent]]:
+        """(partition, offset, event) of each event, in order, as ``events.raw`` would hold them after what was fed."""
+        offsets, log = list(self.offsets), []
+        for model in events:
             event = StreamEvent.from_model(model)
             p = self.partition_of(event)
-            offset = self.offsets[p]
-            self.offsets[p] += 1
-            log.append((p, offset, event))
+            log.append((p, offsets[p], event))
+            offsets[p] += 1
+        return log
+
+    def feed(self, events: Iterable[AnalyticsEvent], flush_every: int = 50) -> list[tuple[int, int, StreamEvent]]:
+        """Process events in order; returns (partition, offset, event) as a log, for replays."""
+        log = self.log(events)
+        for i, (p, offset, event) in enumerate(log, 1):
+            self.offsets[p] = offset + 1
             self.processors[p].process(event, offset)
             if i % flush_every == 0:
                 self.flush()
