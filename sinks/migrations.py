@@ -54,8 +54,9 @@ Why: a reader that needs up to 7 consecutive buckets (a 30-day range and the wee
 finds them all in one span, the one starting at or before the first of them within 6 buckets,
 so it reads and groups one row per actor instead of one per actor and bucket. Longer ranges
 read every second span from that one on, which tile the range without overlap. The price is at
-insert: every bucket row is written to two spans (the view costs about what the
-``activity_weeks`` view does).
+insert: every bucket row is written to two spans. The view reads the ``$any`` rows that the
+``activity_weeks`` view writes (a view on a view's table sees each of its inserted blocks), so
+an insert's events are grouped by actor and bucket once, not once per view.
 
 Idempotent for the same reasons as ``activity_weeks``: per bucket a minimum and a maximum,
 combined by merges key by key.
@@ -102,13 +103,11 @@ SELECT anonymous, span, actor,
 FROM (
     SELECT anonymous, span, actor, arraySort(groupArray((bucket, first, last))) AS seen
     FROM (
-        SELECT user_id = '' AS anonymous, if(user_id != '', user_id, anonymous_id) AS actor,
-               intDiv(toUnixTimestamp(ts), {ACTIVITY_BUCKET_SECONDS}) * {ACTIVITY_BUCKET_SECONDS} AS bucket_second,
-               toDateTime(bucket_second, 'UTC') AS bucket,
-               intDiv(bucket_second, {ACTIVITY_SPAN_STRIDE_SECONDS}) AS stride,
-               min(ts) AS first, max(ts) AS last
-        FROM (SELECT user_id, anonymous_id, timestamp AS ts FROM events)
-        GROUP BY anonymous, actor, bucket_second
+        SELECT anonymous, actor, bucket, intDiv(toUnixTimestamp(bucket), {ACTIVITY_SPAN_STRIDE_SECONDS}) AS stride,
+               min(first_seen) AS first, max(last_seen) AS last
+        FROM activity_weeks
+        WHERE event_name = '{ANY_EVENT_NAME}'
+        GROUP BY anonymous, actor, bucket
     )
     -- the two spans holding the bucket: the one starting in its 6-bucket stride and the one before
     -- (none before the epoch)
@@ -470,7 +469,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             ORDER BY (span, anonymous, actor)
             """,
             f"CREATE MATERIALIZED VIEW IF NOT EXISTS activity_spans_mv TO activity_spans AS {_ACTIVITY_SPANS_SELECT}",
-            # Backfill, the view first (as for migration 8: an event seen twice changes no minimum or maximum).
+            # Backfill from activity_weeks, the view first (a row seen twice changes no minimum or maximum).
             f"INSERT INTO activity_spans {_ACTIVITY_SPANS_SELECT}",
         ),
     ),
