@@ -101,6 +101,15 @@ def assert_same(got: dict[datetime, float], want: dict[datetime, float]) -> None
         assert got[t] == pytest.approx(rate, abs=1e-12), t
 
 
+def assert_widget_matches(
+    client: Client, events: list[Event], start: datetime, end: datetime, tz: str, week_start: int
+) -> dict[datetime, float]:
+    """The widget's rates over ``[start, end)`` equal the reference's over ``events``; returns the reference's."""
+    want = retention_rate_reference(events, start, end, tz, week_start)
+    assert_same(widget_rates(client, start, end, tz, week_start), want)
+    return want
+
+
 def replay(e: Event) -> Event:
     """The same event again (same id), as a replayed batch delivers it."""
     return Event(e.name, e.ts, e.user_id, e.anonymous_id, dict(e.properties), dict(e.context), e.event_id)
@@ -189,9 +198,8 @@ def test_range_ending_inside_a_bucket_reads_the_straddled_events(ch_db: Client) 
     ]
     insert_events(ch_db, events)
     start, end = local("2026-04-06 00:00", tz), local("2026-04-21 12:00", tz)
-    want = retention_rate_reference(events, start, end, tz, 1)
+    want = assert_widget_matches(ch_db, events, start, end, tz, 1)
     assert want[local("2026-04-20 00:00", tz)] == pytest.approx(2 / 3)
-    assert_same(widget_rates(ch_db, start, end, tz, 1), want)
 
 
 def test_weeks_starting_thursday_across_a_dst_week(ch_db: Client) -> None:
@@ -208,8 +216,7 @@ def test_weeks_starting_thursday_across_a_dst_week(ch_db: Client) -> None:
     insert_events(ch_db, events)
     start, end = local("2026-03-19 00:00", tz), local("2026-04-16 00:00", tz)
     for week_start in (4, 1, 7):
-        want = retention_rate_reference(events, start, end, tz, week_start)
-        assert_same(widget_rates(ch_db, start, end, tz, week_start), want)
+        assert_widget_matches(ch_db, events, start, end, tz, week_start)
 
 
 def test_range_longer_than_62_weeks_reads_the_events(ch_db: Client) -> None:
@@ -223,9 +230,8 @@ def test_range_longer_than_62_weeks_reads_the_events(ch_db: Client) -> None:
     ]
     insert_events(ch_db, events)
     start, end = origin + timedelta(days=14), origin + timedelta(weeks=75)
-    want = retention_rate_reference(events, start, end, tz, 7)
+    want = assert_widget_matches(ch_db, events, start, end, tz, 7)
     assert len(want) > 62
-    assert_same(widget_rates(ch_db, start, end, tz, 7), want)
     ch_db.command("TRUNCATE TABLE events")  # the rollup alone cannot answer this range
     assert widget_rates(ch_db, start, end, tz, 7) == {}
 
@@ -273,8 +279,7 @@ def test_random_activity_matches_reference(ch_db: Client, seed: int) -> None:
         tz, week_start = rng.choice(ZONES), rng.choice([1, 7, 1, 7, 3])
         start = origin + timedelta(days=rng.randint(3, 20), minutes=rng.choice([0, rng.randint(0, 1439)]))
         end = start + timedelta(days=rng.randint(10, 45), seconds=rng.choice([0, rng.randint(0, 86399)]))
-        want = retention_rate_reference(events, start, end, tz, week_start)
-        assert_same(widget_rates(ch_db, start, end, tz, week_start), want)
+        assert_widget_matches(ch_db, events, start, end, tz, week_start)
 
 
 def test_migration_backfills_events_already_present(ch_db: Client) -> None:
@@ -292,13 +297,11 @@ def test_migration_backfills_events_already_present(ch_db: Client) -> None:
     assert apply_migrations(ch_db) == [8]
     assert ch_db.query(rollup).result_rows == live
     start, end = local("2026-03-23 00:00", "Asia/Kolkata"), local("2026-04-20 00:00", "Asia/Kolkata")
-    want = retention_rate_reference(events, start, end, "Asia/Kolkata", 1)
-    assert_same(widget_rates(ch_db, start, end, "Asia/Kolkata", 1), want)
+    assert_widget_matches(ch_db, events, start, end, "Asia/Kolkata", 1)
     # ...and the view keeps it current afterwards.
     late = Event("login", local("2026-04-13 10:00", "Asia/Kolkata"), user_id="dave", event_id=str(uuid.uuid4()))
     insert_events(ch_db, [late])
-    want = retention_rate_reference([*events, late], start, end, "Asia/Kolkata", 1)
-    assert_same(widget_rates(ch_db, start, end, "Asia/Kolkata", 1), want)
+    assert_widget_matches(ch_db, [*events, late], start, end, "Asia/Kolkata", 1)
 
 
 def test_seeded_dashboards_get_the_current_retention_sql_unless_edited(ch_db: Client, tmp_path: Path) -> None:
@@ -397,7 +400,7 @@ def test_spans_hold_each_buckets_first_and_last_instant_in_both_spans(ch_db: Cli
     assert unsorted[0][0] == 0
 
 
-def test_migration_9_backfills_spans_from_the_events(ch_db: Client) -> None:
+def test_migration_9_backfills_spans_from_the_weekly_rollup(ch_db: Client) -> None:
     events = [e for batch in story("Europe/Berlin") for e in batch]
     insert_events(ch_db, events)
     live = stored_spans(ch_db)
@@ -408,10 +411,7 @@ def test_migration_9_backfills_spans_from_the_events(ch_db: Client) -> None:
     assert apply_migrations(ch_db) == [9]
     assert stored_spans(ch_db) == live
     start, end = local("2026-03-23 00:00", "Europe/Berlin"), local("2026-04-20 00:00", "Europe/Berlin")
-    assert_same(
-        widget_rates(ch_db, start, end, "Europe/Berlin", 1),
-        retention_rate_reference(events, start, end, "Europe/Berlin", 1),
-    )
+    assert_widget_matches(ch_db, events, start, end, "Europe/Berlin", 1)
     late = Event("login", local("2026-04-13 10:00", "Europe/Berlin"), user_id="dave")
     insert_events(ch_db, [late])
     assert stored_spans(ch_db) == spans_reference([*events, late])
@@ -447,9 +447,8 @@ def test_ranges_over_several_spans_match_reference(ch_db: Client, seed: int) -> 
         tz, week_start = rng.choice(ZONES), rng.choice([1, 7])
         start = origin + timedelta(days=rng.randint(3, 60), minutes=rng.choice([0, rng.randint(0, 1439)]))
         end = start + timedelta(days=rng.randint(50, 420), seconds=rng.choice([0, rng.randint(0, 86399)]))
-        want = retention_rate_reference(events, start, end, tz, week_start)
+        want = assert_widget_matches(ch_db, events, start, end, tz, week_start)
         assert len(want) >= 6
-        assert_same(widget_rates(ch_db, start, end, tz, week_start), want)
 
 
 @pytest.mark.parametrize(
@@ -472,9 +471,8 @@ def test_week_starting_in_a_skipped_midnight(ch_db: Client, tz: str, day: str) -
     ]
     insert_events(ch_db, events)
     start, end = turn - timedelta(days=14), turn + timedelta(days=9)
-    want = retention_rate_reference(events, start, end, tz, 7)
+    want = assert_widget_matches(ch_db, events, start, end, tz, 7)
     assert want[turn] == pytest.approx(2 / 3)
-    assert_same(widget_rates(ch_db, start, end, tz, 7), want)
 
 
 def test_events_after_the_end_in_its_bucket(ch_db: Client) -> None:
@@ -494,9 +492,8 @@ def test_events_after_the_end_in_its_bucket(ch_db: Client) -> None:
     ]
     insert_events(ch_db, events)
     start, end = local("2026-04-06 00:00", tz), local("2026-04-22 12:00", tz)
-    want = retention_rate_reference(events, start, end, tz, 1)
+    want = assert_widget_matches(ch_db, events, start, end, tz, 1)
     assert want[local("2026-04-20 00:00", tz)] == pytest.approx(2 / 3)
-    assert_same(widget_rates(ch_db, start, end, tz, 1), want)
 
 
 def test_weeks_starting_thursday_in_samoa_when_it_skipped_a_date(ch_db: Client) -> None:
@@ -514,9 +511,8 @@ def test_weeks_starting_thursday_in_samoa_when_it_skipped_a_date(ch_db: Client) 
     ]
     insert_events(ch_db, events)
     start, end = local("2011-12-22 00:00", tz), local("2012-01-19 00:00", tz)
-    want = retention_rate_reference(events, start, end, tz, 4)
+    want = assert_widget_matches(ch_db, events, start, end, tz, 4)
     assert list(want.values()) == [pytest.approx(2 / 3), pytest.approx(1 / 2), 0.0]
-    assert_same(widget_rates(ch_db, start, end, tz, 4), want)
 
 
 def test_only_weeks_starting_thursday_put_two_week_starts_in_one_bucket(ch_db: Client) -> None:
