@@ -182,7 +182,13 @@ def event_time(message: SegmentMessage, received_at: datetime, batch_sent_at: da
         return received_at
     if sent_at is None:
         return device_time
-    return received_at - (sent_at - device_time)
+    try:
+        return received_at - (sent_at - device_time)
+    except OverflowError:  # a skew of millennia: the corrected time is before year 1 or after 9999
+        raise CollectorError(
+            "timestamp_out_of_range",
+            f"sentAt {sent_at.isoformat()} and timestamp {device_time.isoformat()} put the event outside the calendar",
+        ) from None
 
 
 def _utc(value: datetime | None) -> datetime | None:
