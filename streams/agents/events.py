@@ -10,10 +10,11 @@ For every partition of ``events.raw`` it holds a :class:`~streams.processor.Part
    ``PARTIAL_BATCH_BYTES``), each partial the partition's full value of a window (never a
    delta), then the partition's watermark, announced by the lane's last batch;
 2. at most every ``CHECKPOINT_EVERY_SECONDS`` (or when ``stream_flush_events`` events
-   wait), the outputs are made durable (the producer is flushed and every delivery
-   confirmed), then the partition's whole state and the offset it reflects are written,
-   as ONE message, to the partition's checkpoint (:func:`checkpoint_topic`, partition =
-   source partition) and made durable too;
+   wait, or once no event has come for ``CHECKPOINT_IDLE_SECONDS``), the outputs are made
+   durable (the producer is flushed and every delivery confirmed), then the partition's
+   whole state and the offset it reflects are written, as ONE message, to the partition's
+   checkpoint (:func:`checkpoint_topic`, partition = source partition) and made durable
+   too (the partitions due at one flush share these waits);
 3. only then is the offset after it committed (:class:`EventsConsumer`).
 
 So the committed offset never passes the checkpoint: after a crash the partition
@@ -36,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -49,7 +50,7 @@ from streams.agents.threaded import ConsumerThread, DurableProducer
 from streams.aggregators import MetricAggregator, encode_state
 from streams.events import StreamEvent
 from streams.periods import Period, PeriodCalendar
-from streams.processor import PartitionProcessor
+from streams.processor import FlushResult, PartitionProcessor
 from streams.sessions import SessionWindow
 from streams.windows import MetricPartial, series_lane
 from tidemark.settings import Settings
@@ -77,6 +78,8 @@ PARTIAL_ENTRY_OVERHEAD = 64
 # Outputs are published at every flush; the state is checkpointed (and the events acknowledged)
 # at most this often, or when ``stream_flush_events`` events wait. A crash replays since then.
 CHECKPOINT_EVERY_SECONDS = 10.0
+# ... and as soon as no event has arrived for this long (traffic paused or caught up).
+CHECKPOINT_IDLE_SECONDS = 2.0
 
 
 def publish_every(settings: Settings) -> dict[Period, float]:
@@ -258,39 +261,55 @@ class EventsAgent:
             self.flush(partition)
 
     def flush(self, partition: int, force_checkpoint: bool = False) -> None:
-        """Publish; when due, make it durable, checkpoint, then commit (the order is the guarantee)."""
-        processor = self.processors.get(partition)
-        waiting = self.waiting.get(partition, 0)
-        if processor is None or not (waiting or processor.metrics.dirty or force_checkpoint):
-            return
-        started = time.monotonic()
-        result = processor.flush(now=started)
-        due = started - self._checkpointed_at.get(partition, -1e18) >= self.checkpoint_seconds
-        checkpoint = due or waiting >= self.flush_events or force_checkpoint
-        self._publish_sessions(partition, result.sessions, started, everything=checkpoint)
-        self._publish_partials(partition, result.partials, processor.metrics.watermark)
-        self._count_applied()
-        if not checkpoint:
+        """Publish the partition's changes; when due, make them durable, checkpoint, then commit."""
+        self.flush_partitions([partition], force_checkpoint)
+
+    def flush_partitions(self, partitions: Iterable[int], force_checkpoint: bool = False) -> None:
+        """Publish every partition's changes; checkpoint those due (the order is the guarantee).
+
+        The partitions due share the waits: their outputs are made durable together, then
+        their checkpoints are written and made durable together, then their offsets are
+        committed. (A wait for the broker's acknowledgements costs a round trip whether it
+        covers one partition or all of them.)
+        """
+        due: list[tuple[int, PartitionProcessor, int, FlushResult, float]] = []
+        for partition in partitions:
+            processor = self.processors.get(partition)
+            waiting = self.waiting.get(partition, 0)
+            if processor is None or not (waiting or processor.metrics.dirty or force_checkpoint):
+                continue
+            started = time.monotonic()
+            result = processor.flush(now=started)
+            checkpoint = (force_checkpoint or waiting >= self.flush_events
+                          or started - self._checkpointed_at.get(partition, -1e18) >= self.checkpoint_seconds)
+            self._publish_sessions(partition, result.sessions, started, everything=checkpoint)
+            self._publish_partials(partition, result.partials, processor.metrics.watermark)
             self._report_late(partition, processor)
-            return  # published; checkpoint and commit wait for the next checkpoint
-        self._checkpointed_at[partition] = started
+            if checkpoint:  # else published; checkpoint and commit wait for a later flush
+                due.append((partition, processor, waiting, result, started))
+        self._count_applied()
+        if not due:
+            return
         self.outputs_durable()
-        self.save_checkpoint(partition, processor.checkpoint())
-        if partition in self.consumed:
-            self.commit(partition, self.consumed[partition])
-        self.waiting[partition] = 0
-        FLUSHES.inc()
-        replayed = self._replayed.pop(partition, 0)
-        if replayed:
-            EVENTS_SKIPPED.labels("replayed").inc(replayed)
-            log.info("Partition %d: skipped %d redelivered events already applied in its checkpoint",
-                     partition, replayed)
-        self._report_late(partition, processor)
-        log.debug(
-            "Checkpointed partition %d: %d events, %d sessions, %d partials, %d sessions expired in %.3fs",
-            partition, waiting, len(result.sessions), len(result.partials), result.expired_sessions,
-            time.monotonic() - started,
-        )
+        for partition, processor, _waiting, _result, started in due:
+            self._checkpointed_at[partition] = started
+            self.save_checkpoint(partition, processor.checkpoint())
+        self.outputs_durable()
+        for partition, _processor, waiting, result, started in due:
+            if partition in self.consumed:
+                self.commit(partition, self.consumed[partition])
+            self.waiting[partition] = 0
+            FLUSHES.inc()
+            replayed = self._replayed.pop(partition, 0)
+            if replayed:
+                EVENTS_SKIPPED.labels("replayed").inc(replayed)
+                log.info("Partition %d: skipped %d redelivered events already applied in its checkpoint",
+                         partition, replayed)
+            log.debug(
+                "Checkpointed partition %d: %d events, %d sessions, %d partials, %d sessions expired in %.3fs",
+                partition, waiting, len(result.sessions), len(result.partials), result.expired_sessions,
+                time.monotonic() - started,
+            )
 
     def _publish_sessions(self, partition: int, changed: list[SessionWindow], now: float, everything: bool) -> None:
         """Publish closed sessions at once, open ones that changed at most every ``session_publish_seconds``.
@@ -356,10 +375,14 @@ class EventsAgent:
         if advanced:
             self._announced[partition] = watermark
 
-    def flush_all(self) -> None:
-        """Flush every partition (the periodic timer)."""
-        for partition in list(self.processors):
-            self.flush(partition)
+    def flush_all(self, force_checkpoint: bool = False) -> None:
+        """Flush every partition (the periodic timer); ``force_checkpoint`` checkpoints each one too."""
+        self.flush_partitions(list(self.processors), force_checkpoint)
+
+    @property
+    def unacknowledged(self) -> bool:
+        """Whether some partition holds events not yet reflected in a checkpoint."""
+        return any(self.waiting.values())
 
     def forget(self, partitions: set[int]) -> None:
         """Partitions moved to another worker: drop their state (the new owner restores the checkpoint)."""
@@ -433,8 +456,8 @@ class EventsConsumer(ConsumerThread):
         )
 
     def _save_checkpoint(self, partition: int, blob: bytes) -> None:
+        # The agent makes it durable (with the other partitions' checkpoints) before it commits.
         self.producer.publisher(self._checkpoints)(checkpoint_key(partition), blob, partition)
-        self.outputs_durable()
 
     def _checkpointed(self, partition: int, offset: int) -> None:
         self._to_commit[partition] = offset + 1
@@ -443,8 +466,7 @@ class EventsConsumer(ConsumerThread):
         revoked = {tp.partition for tp in partitions if tp.topic == self.topic}
         if not self._closing:
             # Hand over cleanly: the next owner starts right after what is checkpointed here.
-            for partition in revoked & set(self.agent.processors):
-                self.agent.flush(partition, force_checkpoint=True)
+            self.agent.flush_partitions(sorted(revoked & set(self.agent.processors)), force_checkpoint=True)
             self._commit(consumer, revoked)
         self.agent.forget(revoked)
         for partition in revoked:
@@ -462,12 +484,21 @@ class EventsConsumer(ConsumerThread):
         flush_every = settings.stream_flush_seconds
         commit_every = settings.stream_commit_seconds
         consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
-        flushed_at = committed_at = time.monotonic()
+        flushed_at = committed_at = received_at = time.monotonic()
         on_message = self.agent.on_message
         while not self._stopping.is_set():
-            for message in self._consume(consumer, min(0.2, flush_every)):
+            messages = self._consume(consumer, min(0.2, flush_every))
+            for message in messages:
                 on_message(message.partition(), message.offset(), message.value())
             now = time.monotonic()
+            if messages:
+                received_at = now
+            if now - received_at >= CHECKPOINT_IDLE_SECONDS and self.agent.unacknowledged:
+                # Traffic paused: checkpoint now rather than at the next due time, so the offsets
+                # are committed (and a restart replays nothing) within seconds of the last event.
+                self.agent.flush_all(force_checkpoint=True)
+                self._commit(consumer)
+                flushed_at = committed_at = now
             if now - flushed_at >= flush_every:
                 self.agent.flush_all()
                 self.producer.poll(0)  # serve delivery reports
@@ -476,7 +507,6 @@ class EventsConsumer(ConsumerThread):
                 self._commit(consumer)
                 committed_at = now
         # Stopping: checkpoint and commit every partition, so the next owner replays nothing.
-        for partition in list(self.agent.processors):
-            self.agent.flush(partition, force_checkpoint=True)
+        self.agent.flush_all(force_checkpoint=True)
         self._commit(consumer)
         log.info("Events consumer stopped: %d partitions checkpointed and committed", len(self.agent.processors))

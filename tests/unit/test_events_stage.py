@@ -97,3 +97,27 @@ def test_a_large_flush_is_split_into_messages_under_the_limit_and_only_the_last_
         assert [e for m in messages for e in m["partials"]] == one["partials"]
         assert messages[-1]["announced"] == one["announced"] > messages[-1]["watermark"]
         assert all(m["announced"] == m["watermark"] for m in messages[:-1])
+
+
+def test_partitions_due_share_the_waits_and_checkpoint_only_after_their_outputs_are_durable() -> None:
+    steps: list[tuple[str, int | None]] = []
+    stage = EventsAgent(Settings(stream_flush_events=10_000), compile_catalogue(get_catalogue(), ["signups"]),
+                        publish_session=lambda _k, _v: steps.append(("session", None)),
+                        publish_partials=lambda _k, _v, _lane: None,
+                        save_checkpoint=lambda partition, _blob: steps.append(("checkpoint", partition)),
+                        load_checkpoint=lambda _p: None,
+                        commit=lambda partition, offset: steps.append(("commit", partition)),
+                        outputs_durable=lambda: steps.append(("durable", None)))
+    codec_events = event_codec()
+    for partition in (0, 1, 2):
+        event = AnalyticsEvent(event_name="page_view", event_type="page_view", anonymous_id=f"d{partition}",
+                               timestamp=START)
+        stage.on_message(partition, 7, codec_events.encode(event.to_avro()))
+    stage.flush_all()  # the first flush of each partition is due
+    assert steps == [("session", None)] * 3 + [("durable", None), ("checkpoint", 0), ("checkpoint", 1),
+                                               ("checkpoint", 2), ("durable", None), ("commit", 0), ("commit", 1),
+                                               ("commit", 2)]
+    assert not stage.unacknowledged
+    steps.clear()
+    stage.flush_all()  # nothing new, nothing due
+    assert steps == []
