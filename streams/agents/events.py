@@ -497,8 +497,7 @@ class EventsConsumer(ConsumerThread):
                 # Traffic paused: checkpoint now rather than at the next due time, so the offsets
                 # are committed (and a restart replays nothing) within seconds of the last event.
                 self.agent.flush_all(force_checkpoint=True)
-                self._commit(consumer)
-                flushed_at = committed_at = now
+                flushed_at = now
             if now - flushed_at >= flush_every:
                 self.agent.flush_all()
                 self.producer.poll(0)  # serve delivery reports
