@@ -44,10 +44,11 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import Counter
 
-from schemas.streams import metric_partial_batch_codec, session_codec
+from schemas.streams import metric_partial_batch_codec
 from streams.agents.checkpoints import read_checkpoint
 from streams.agents.threaded import ConsumerThread, DurableProducer
 from streams.aggregators import MetricAggregator, encode_state
+from streams.avro_writers import session_message
 from streams.events import StreamEvent
 from streams.periods import Period, PeriodCalendar
 from streams.processor import FlushResult, PartitionProcessor
@@ -209,7 +210,6 @@ class EventsAgent:
         self._checkpointed_at: dict[int, float] = {}
         # Serialising a partition's state costs milliseconds to seconds: not at every flush.
         self.checkpoint_seconds = CHECKPOINT_EVERY_SECONDS
-        self._session_codec = session_codec()
         self._partial_codec = metric_partial_batch_codec()
         self._lanes: dict[tuple[Any, ...], int] = {}  # (metric, period, dimension, value) -> its lane
         self._announced: dict[int, int] = {}  # partition -> watermark announced to every lane
@@ -331,9 +331,9 @@ class EventsAgent:
             self._sessions_published_at[partition] = now
             out = list(waiting.values())
             waiting.clear()
-        publish, encode = self.publish_session, self._session_codec.encode
+        publish = self.publish_session
         for session in out:
-            publish(session.device_id.encode(), encode(session_record(session)))
+            publish(session.device_id.encode(), session_message(session))
 
     def _publish_partials(self, partition: int, partials: list[MetricPartial], watermark: int) -> None:
         """Send every lane its share of the flush's partials, then the partition's new watermark, as one batch.
