@@ -428,7 +428,7 @@ class AnomalyConsumer(ConsumerThread):
     def _loop(self, consumer: Consumer) -> None:
         # Judging touches every series and the checkpoint serialises the whole bank: at most once a second.
         flush_every = max(self.settings.stream_flush_seconds, 1.0)
-        consumer.subscribe([self.topic], on_revoke=self._on_revoke)
+        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         flushed_at = time.monotonic()
         on_message = self.agent.on_message
         while not self._stopping.is_set():

@@ -462,6 +462,15 @@ class EventsConsumer(ConsumerThread):
     def _checkpointed(self, partition: int, offset: int) -> None:
         self._to_commit[partition] = offset + 1
 
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        super()._on_assign(consumer, partitions)
+        # Restore at once rather than at the partition's next event: windows its checkpoint holds
+        # changed but unpublished (rate-limited, or a previous owner's) go out at the next flush
+        # even if no event comes for a while (a handover after the traffic, a restart at night).
+        for tp in partitions:
+            if tp.topic == self.topic:
+                self.agent.processor(tp.partition)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions if tp.topic == self.topic}
         if not self._closing:
@@ -483,7 +492,7 @@ class EventsConsumer(ConsumerThread):
         settings = self.settings
         flush_every = settings.stream_flush_seconds
         commit_every = settings.stream_commit_seconds
-        consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
+        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         flushed_at = committed_at = received_at = time.monotonic()
         on_message = self.agent.on_message
         while not self._stopping.is_set():

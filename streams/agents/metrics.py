@@ -345,6 +345,14 @@ class MetricsConsumer(ConsumerThread):
         for lane in lanes:
             self._to_commit.pop(lane, None)
 
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        super()._on_assign(consumer, partitions)
+        # Restore at once rather than at the lane's next batch: windows its checkpoint holds changed
+        # but unpublished go out at the next publication even if no batch comes for a while.
+        for tp in partitions:
+            if tp.topic == self.topic and tp.partition not in self._loaded:
+                self._load(tp.partition)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions if tp.topic == self.topic}
         if not self._closing:
@@ -360,7 +368,7 @@ class MetricsConsumer(ConsumerThread):
     def _loop(self, consumer: Consumer) -> None:
         settings = self.settings
         flush_every = settings.stream_flush_seconds
-        consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
+        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         flushed_at = checkpointed_at = evicted_at = received_at = time.monotonic()
         on_batch = self.agent.on_batch
         while not self._stopping.is_set():

@@ -129,6 +129,12 @@ class ConsumerThread:
             "partition.assignment.strategy": "cooperative-sticky",
         })
 
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Log what this member was handed (cooperative rebalancing hands over increments)."""
+        if partitions:
+            log.info("%s: partitions %s of %s assigned", self.thread_name,
+                     sorted(tp.partition for tp in partitions), self.topic)
+
     def _consume(self, consumer: Consumer, timeout: float) -> list[Message]:
         """The next batch of messages (errors logged and left out; a fatal one raised)."""
         messages = consumer.consume(self.batch_size, timeout=timeout)

@@ -134,3 +134,38 @@ def test_worker_killed_mid_stream_recovers_without_double_counting(
         first.kill()
         second.stop()
         snapshots.close()
+
+
+def test_two_workers_share_the_partitions_and_count_every_event_once(
+    kafka_settings: Settings, tmp_path: Path, dataset
+) -> None:
+    # The second worker joins mid-stream: the groups rebalance while both consume, commit and checkpoint.
+    first = WorkerProcess(kafka_settings, tmp_path / "w1", {"TIDEMARK_REPORT_TIMEZONE": TZ})
+    second = WorkerProcess(kafka_settings, tmp_path / "w2", {"TIDEMARK_REPORT_TIMEZONE": TZ})
+    snapshots = _snapshot_reader(kafka_settings)
+    expected = reference_snapshots(dataset, CATALOGUE, tz=TZ, names=STREAMED, stitch_grace_ms=300_000)
+    group = f"{kafka_settings.topic_prefix}{kafka_settings.stream_app_id}"
+    raw = kafka_settings.topic("events.raw")
+    half = len(dataset) // 2
+    first.start()
+    try:
+        produce_events(kafka_settings, dataset[:half])
+        wait_for(lambda: committed_offsets(kafka_settings, group, raw, 6) > 0, 120, "the first commits",
+                 first.check_alive)
+        second.start()
+        produce_events(kafka_settings, dataset[half:])
+
+        def tick() -> None:
+            first.check_alive()
+            second.check_alive()
+            snapshots.poll()
+
+        wait_for(lambda: not _matches(expected, snapshots.latest), 240, "metric snapshots from both workers", tick)
+        wait_for(lambda: committed_offsets(kafka_settings, group, raw, 6) == len(dataset), 60, "every event committed",
+                 tick)
+        # Both took part: the second worker was handed partitions the first had checkpointed.
+        assert "restored from its checkpoint" in second.log_tail(10_000)
+    finally:
+        first.stop()
+        second.stop()
+        snapshots.close()
