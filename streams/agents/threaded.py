@@ -25,6 +25,10 @@ from tidemark.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# Commit errors that mean "rejoin first": the member's generation is behind the group's.
+COMMIT_AFTER_REBALANCE = (KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS)
+
+
 class DurableProducer:
     """A librdkafka producer whose every delivery is confirmed before what it sent counts as durable.
 
@@ -86,6 +90,7 @@ class ConsumerThread:
         self._closing = False  # set once the loop is leaving: rebalance callbacks then only forget
         self._thread: threading.Thread | None = None
         self._to_commit: dict[int, int] = {}  # partition -> offset to commit (what a durable checkpoint reflects)
+        self.commits_refused = 0  # commits the group refused while it rebalanced (retried after)
 
     def start(self) -> None:
         """Start consuming (returns at once)."""
@@ -157,7 +162,19 @@ class ConsumerThread:
         ]
         if not offsets:
             return
-        consumer.commit(offsets=offsets, asynchronous=False)
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not (isinstance(error, KafkaError) and error.code() in COMMIT_AFTER_REBALANCE):
+                raise
+            # The group moved to a new generation this member has not joined yet (a worker came
+            # or went). It is still a member, and cooperative rebalancing hands a partition to
+            # another member only after this one gave it up in its revoke callback (which drops
+            # the partition's pending offset): what stays pending is retried at the next commit.
+            self.commits_refused += 1
+            log.info("Commit of %s refused during a rebalance (%s); retried after it", self.topic, error.name())
+            return
         for tp in offsets:
             if self._to_commit.get(tp.partition) == tp.offset:
                 del self._to_commit[tp.partition]
