@@ -39,8 +39,9 @@ checkpoints its state as one message on its own schedule.
 Scaling: the unit of parallelism is a partition of ``events.raw`` (keyed by device, so a
 device's sessions stay on one worker) and a lane of ``metrics.partials``. Start more
 workers with the same settings and the groups spread partitions and lanes (and with them
-their checkpoints) over them. Anomaly detection keeps one detector bank per worker
-(:mod:`streams.agents.anomalies`).
+their checkpoints) over them: a worker restores a partition or lane from its checkpoint when
+it is assigned, and a commit refused while the group rebalances is retried after it.
+Anomaly detection keeps one detector bank per worker (:mod:`streams.agents.anomalies`).
 """
 
 from __future__ import annotations
