@@ -54,6 +54,23 @@ def _expected_sessions(events) -> dict[str, tuple[int, int, int]]:
     }
 
 
+def _two_workers(settings: Settings, tmp_path: Path, first_env: dict[str, str] | None = None):
+    """Two workers of the same app in the reporting timezone (``first_env`` for the first one)."""
+    env = {"TIDEMARK_REPORT_TIMEZONE": TZ}
+    return (WorkerProcess(settings, tmp_path / "w1", {**env, **(first_env or {})}),
+            WorkerProcess(settings, tmp_path / "w2", env))
+
+
+def _events_group(settings: Settings) -> tuple[str, str]:
+    """The consumer group of the events stage, and the topic it reads."""
+    return f"{settings.topic_prefix}{settings.stream_app_id}", settings.topic("events.raw")
+
+
+def _expected_snapshots(events) -> dict:
+    """The reference's value of every streamed metric's window on ``events``."""
+    return reference_snapshots(events, CATALOGUE, tz=TZ, names=STREAMED, stitch_grace_ms=300_000)
+
+
 @pytest.fixture
 def dataset():
     return demo_dataset(sessions_per_day=20, seed=17)
@@ -62,7 +79,7 @@ def dataset():
 def test_worker_sessions_and_metrics_equal_the_reference(kafka_settings: Settings, tmp_path: Path, dataset) -> None:
     worker = WorkerProcess(kafka_settings, tmp_path / "worker", {"TIDEMARK_REPORT_TIMEZONE": TZ})
     snapshots, sessions = _snapshot_reader(kafka_settings), _session_reader(kafka_settings)
-    expected = reference_snapshots(dataset, CATALOGUE, tz=TZ, names=STREAMED, stitch_grace_ms=300_000)
+    expected = _expected_snapshots(dataset)
     expected_sessions = _expected_sessions(dataset)
     worker.start()
     try:
@@ -90,13 +107,9 @@ def test_worker_killed_mid_stream_recovers_without_double_counting(
 ) -> None:
     # The first worker checkpoints and publishes but never gets to commit an offset: after the
     # crash, Kafka redelivers everything it had consumed, all of it already in the checkpoints.
-    first = WorkerProcess(kafka_settings, tmp_path / "w1",
-                          {"TIDEMARK_REPORT_TIMEZONE": TZ, "TIDEMARK_STREAM_COMMIT_SECONDS": "3600"})
-    second = WorkerProcess(kafka_settings, tmp_path / "w2", {"TIDEMARK_REPORT_TIMEZONE": TZ})
+    first, second = _two_workers(kafka_settings, tmp_path, {"TIDEMARK_STREAM_COMMIT_SECONDS": "3600"})
     snapshots = _snapshot_reader(kafka_settings)
-    expected = reference_snapshots(dataset, CATALOGUE, tz=TZ, names=STREAMED, stitch_grace_ms=300_000)
-    group = f"{kafka_settings.topic_prefix}{kafka_settings.stream_app_id}"
-    raw = kafka_settings.topic("events.raw")
+    expected, (group, raw) = _expected_snapshots(dataset), _events_group(kafka_settings)
     half = len(dataset) // 2
     first.start()
     try:
@@ -140,12 +153,9 @@ def test_two_workers_share_the_partitions_and_count_every_event_once(
     kafka_settings: Settings, tmp_path: Path, dataset
 ) -> None:
     # The second worker joins mid-stream: the groups rebalance while both consume, commit and checkpoint.
-    first = WorkerProcess(kafka_settings, tmp_path / "w1", {"TIDEMARK_REPORT_TIMEZONE": TZ})
-    second = WorkerProcess(kafka_settings, tmp_path / "w2", {"TIDEMARK_REPORT_TIMEZONE": TZ})
+    first, second = _two_workers(kafka_settings, tmp_path)
     snapshots = _snapshot_reader(kafka_settings)
-    expected = reference_snapshots(dataset, CATALOGUE, tz=TZ, names=STREAMED, stitch_grace_ms=300_000)
-    group = f"{kafka_settings.topic_prefix}{kafka_settings.stream_app_id}"
-    raw = kafka_settings.topic("events.raw")
+    expected, (group, raw) = _expected_snapshots(dataset), _events_group(kafka_settings)
     half = len(dataset) // 2
     first.start()
     try:
