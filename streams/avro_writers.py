@@ -71,7 +71,7 @@ def write_string(text: str) -> bytes:
 def session_message(session: SessionWindow, header: bytes = session_codec().header) -> bytes:
     """The ``sessions`` message of a session: single-object header, then the ``session.avsc`` body.
 
-    What ``session_codec().encode(session_record(session))`` makes, in a third of the time.
+    What fastavro makes of the session's record dict with ``session_codec()``, in half the time.
     """
     text, long_ = write_string, write_long
     user, started, last_seen, events, closed = (session.user_id, session.started_at, session.last_seen_at,

@@ -91,30 +91,6 @@ def publish_every(settings: Settings) -> dict[Period, float]:
 FLUSHES = Counter("tidemark_stream_flushes_total", "Partition checkpoints (publish + checkpoint + commit).")
 
 
-def session_record(session: SessionWindow) -> dict[str, Any]:
-    """The ``session.avsc`` record of a session."""
-    return {
-        "sessionId": session.session_id,
-        "userId": session.user_id or None,
-        "deviceId": session.device_id,
-        "startedAt": session.started_at,
-        "lastSeenAt": session.last_seen_at,
-        "durationMs": session.duration_ms,
-        "pageViews": session.page_views,
-        "events": session.events,
-        "device": session.device,
-        "browser": session.browser,
-        "os": session.os,
-        "country": session.country,
-        "referrer": session.referrer,
-        "utmSource": session.utm_source,
-        "utmMedium": session.utm_medium,
-        "utmCampaign": session.utm_campaign,
-        "closed": session.closed,
-        "version": session.version,
-    }
-
-
 def partial_entry(partial: MetricPartial) -> dict[str, Any]:
     """A partial as an entry of a ``metric_partial_batch.avsc`` record (its state as JSON)."""
     return {

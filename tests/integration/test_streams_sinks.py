@@ -7,10 +7,10 @@ import time
 import pytest
 from confluent_kafka import Producer
 
-from schemas.streams import metric_snapshot_codec, session_codec
+from schemas.streams import metric_snapshot_codec
 from sinks.sessions import SessionSink, session_row
 from sinks.snapshots import SnapshotSink, snapshot_row
-from streams.agents.events import session_record
+from streams.avro_writers import session_message
 from streams.events import StreamEvent
 from streams.periods import Period
 from streams.sessions import SessionTracker, session_id_for
@@ -42,13 +42,12 @@ def test_sessions_and_snapshots_sinks_keep_the_latest_version(ch_db, kafka_setti
     events = demo_dataset(sessions_per_day=10, seed=2)
     tracker = SessionTracker(gap_ms=30 * 60_000, max_length_ms=24 * 3_600_000)
     producer = Producer({"bootstrap.servers": kafka_settings.kafka_bootstrap})
-    codec = session_codec()
     published = 0
     for model in events:  # every version of every session, as the worker publishes them
         tracker.add(StreamEvent.from_model(model))
         for s in tracker.take_dirty():
             producer.produce(kafka_settings.topic("sessions"), key=s.device_id.encode(),
-                             value=codec.encode(session_record(s)))
+                             value=session_message(s))
             published += 1
     snap = metric_snapshot_codec()
     start = ms(events[0].timestamp) // 86_400_000 * 86_400_000
