@@ -355,10 +355,9 @@ class EventsAgent:
         """Flush every partition (the periodic timer); ``force_checkpoint`` checkpoints each one too."""
         self.flush_partitions(list(self.processors), force_checkpoint)
 
-    @property
-    def unacknowledged(self) -> bool:
-        """Whether some partition holds events not yet reflected in a checkpoint."""
-        return any(self.waiting.values())
+    def unacknowledged(self) -> list[int]:
+        """The partitions holding events not yet reflected in a checkpoint."""
+        return [partition for partition, waiting in self.waiting.items() if waiting]
 
     def forget(self, partitions: set[int]) -> None:
         """Partitions moved to another worker: drop their state (the new owner restores the checkpoint)."""
@@ -478,11 +477,13 @@ class EventsConsumer(ConsumerThread):
             now = time.monotonic()
             if messages:
                 received_at = now
-            if now - received_at >= CHECKPOINT_IDLE_SECONDS and self.agent.unacknowledged:
-                # Traffic paused: checkpoint now rather than at the next due time, so the offsets
-                # are committed (and a restart replays nothing) within seconds of the last event.
-                self.agent.flush_all(force_checkpoint=True)
-                flushed_at = now
+            if now - received_at >= CHECKPOINT_IDLE_SECONDS:
+                # Traffic paused: checkpoint the partitions with events since their checkpoint now
+                # rather than at their next due time, so their offsets are committed (and a restart
+                # replays nothing) within seconds of the last event.
+                pending = self.agent.unacknowledged()
+                if pending:
+                    self.agent.flush_partitions(pending, force_checkpoint=True)
             if now - flushed_at >= flush_every:
                 self.agent.flush_all()
                 self.producer.poll(0)  # serve delivery reports

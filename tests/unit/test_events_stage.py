@@ -113,11 +113,12 @@ def test_partitions_due_share_the_waits_and_checkpoint_only_after_their_outputs_
         event = AnalyticsEvent(event_name="page_view", event_type="page_view", anonymous_id=f"d{partition}",
                                timestamp=START)
         stage.on_message(partition, 7, codec_events.encode(event.to_avro()))
+    assert stage.unacknowledged() == [0, 1, 2]
     stage.flush_all()  # the first flush of each partition is due
     assert steps == [("session", None)] * 3 + [("durable", None), ("checkpoint", 0), ("checkpoint", 1),
                                                ("checkpoint", 2), ("durable", None), ("commit", 0), ("commit", 1),
                                                ("commit", 2)]
-    assert not stage.unacknowledged
+    assert stage.unacknowledged() == []
     steps.clear()
     stage.flush_all()  # nothing new, nothing due
     assert steps == []
