@@ -16,8 +16,10 @@ Prints four figures on the same events (demo traffic, Avro on ``events.raw``):
    from its first committed offset on ``events.raw`` until metric merging has committed
    every partial batch too, i.e. consuming, processing, publishing sessions, partials and
    snapshots, checkpointing and committing -- the sustained end-to-end rate of one worker;
-   with the worker's CPU seconds per event (on a shared machine the surer figure: the
-   stages share one interpreter, so events per CPU-second bound what a core sustains).
+   with the worker's CPU seconds per event (the stages share one interpreter, so events per
+   CPU-second bound what a core sustains), and the end-to-end rate as a share of figure 3:
+   the machine's speed moves every figure (up to 1.5x between runs on a shared machine),
+   the share mostly with the worker's own overheads. Compare several runs.
 """
 
 from __future__ import annotations
