@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,11 +55,22 @@ def _expected_sessions(events) -> dict[str, tuple[int, int, int]]:
     }
 
 
-def _two_workers(settings: Settings, tmp_path: Path, first_env: dict[str, str] | None = None):
-    """Two workers of the same app in the reporting timezone (``first_env`` for the first one)."""
+@contextmanager
+def _two_workers(settings: Settings, tmp_path: Path, dataset, first_env: dict[str, str] | None = None):
+    """Two workers of the same app (``first_env`` for the first), a reader of snapshots, and the
+    first worker started on the first half of ``dataset``; all stopped on the way out."""
     env = {"TIDEMARK_REPORT_TIMEZONE": TZ}
-    return (WorkerProcess(settings, tmp_path / "w1", {**env, **(first_env or {})}),
-            WorkerProcess(settings, tmp_path / "w2", env))
+    first = WorkerProcess(settings, tmp_path / "w1", {**env, **(first_env or {})})
+    second = WorkerProcess(settings, tmp_path / "w2", env)
+    snapshots = _snapshot_reader(settings)
+    first.start()
+    try:
+        produce_events(settings, dataset[: len(dataset) // 2])
+        yield first, second, snapshots
+    finally:
+        first.stop()
+        second.stop()
+        snapshots.close()
 
 
 def _events_group(settings: Settings) -> tuple[str, str]:
@@ -107,13 +119,11 @@ def test_worker_killed_mid_stream_recovers_without_double_counting(
 ) -> None:
     # The first worker checkpoints and publishes but never gets to commit an offset: after the
     # crash, Kafka redelivers everything it had consumed, all of it already in the checkpoints.
-    first, second = _two_workers(kafka_settings, tmp_path, {"TIDEMARK_STREAM_COMMIT_SECONDS": "3600"})
-    snapshots = _snapshot_reader(kafka_settings)
     expected, (group, raw) = _expected_snapshots(dataset), _events_group(kafka_settings)
     half = len(dataset) // 2
-    first.start()
-    try:
-        produce_events(kafka_settings, dataset[:half])
+    with _two_workers(kafka_settings, tmp_path, dataset, {"TIDEMARK_STREAM_COMMIT_SECONDS": "3600"}) as (
+        first, second, snapshots
+    ):
         # The first half is processed and checkpointed (its sessions are out), never committed.
         sessions = _session_reader(kafka_settings)
 
@@ -143,23 +153,15 @@ def test_worker_killed_mid_stream_recovers_without_double_counting(
         log = second.log_tail(10_000)
         assert "restored from its checkpoint" in log
         assert "redelivered events already applied" in log
-    finally:
-        first.kill()
-        second.stop()
-        snapshots.close()
 
 
 def test_two_workers_share_the_partitions_and_count_every_event_once(
     kafka_settings: Settings, tmp_path: Path, dataset
 ) -> None:
     # The second worker joins mid-stream: the groups rebalance while both consume, commit and checkpoint.
-    first, second = _two_workers(kafka_settings, tmp_path)
-    snapshots = _snapshot_reader(kafka_settings)
     expected, (group, raw) = _expected_snapshots(dataset), _events_group(kafka_settings)
     half = len(dataset) // 2
-    first.start()
-    try:
-        produce_events(kafka_settings, dataset[:half])
+    with _two_workers(kafka_settings, tmp_path, dataset) as (first, second, snapshots):
         wait_for(lambda: committed_offsets(kafka_settings, group, raw, 6) > 0, 120, "the first commits",
                  first.check_alive)
         second.start()
@@ -175,7 +177,3 @@ def test_two_workers_share_the_partitions_and_count_every_event_once(
                  tick)
         # Both took part: the second worker was handed partitions the first had checkpointed.
         assert "restored from its checkpoint" in second.log_tail(10_000)
-    finally:
-        first.stop()
-        second.stop()
-        snapshots.close()
