@@ -194,7 +194,12 @@ def event_time(message: SegmentMessage, received_at: datetime, batch_sent_at: da
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00: in UTC it falls before year 1
+        raise CollectorError(
+            "timestamp_out_of_range", f"{value.isoformat()} is outside the calendar in UTC"
+        ) from None
 
 
 def _check_time(timestamp: datetime, received_at: datetime, limits: TimeLimits) -> None:

@@ -209,6 +209,11 @@ def test_write_key_in_body() -> None:
          "track", "timestamp_out_of_range", 400),
         (b'{"userId": "u", "event": "x", "timestamp": "9999-12-31T00:00:00Z", "sentAt": "0001-01-01T00:00:00Z"}',
          "track", "timestamp_out_of_range", 400),
+        # A time whose offset takes it past the calendar's ends once in UTC.
+        (b'{"userId": "u", "event": "x", "timestamp": "0001-01-01T00:00:00+05:00"}', "track", "timestamp_out_of_range",
+         400),
+        (b'{"userId": "u", "event": "x", "timestamp": "2026-03-03T12:00:00Z", "sentAt": "9999-12-31T23:00:00-05:00"}',
+         "track", "timestamp_out_of_range", 400),
         (b'{"userId": "u"}', "group", "missing_group_id", 400),
         (b'{"userId": "u"}', "alias", "missing_previous_id", 400),
         (b'{"type": "identify", "userId": "u", "event": "x"}', "track", "invalid_message_type", 400),
