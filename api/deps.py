@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from clickhouse_connect.driver.client import Client
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
+from pydantic import Field
 
 from api.auth import BearerKey, HeaderKey, Role, authenticate, forbidden, presented_key, unauthorized
 from api.publisher import EventPublisher
@@ -72,6 +73,12 @@ def require_analyst(request: Request, bearer: BearerKey, api_key: HeaderKey) -> 
         raise forbidden(f"SQL needs the analyst role; the key has {principal.role.value}")
     return Principal(principal.email)
 
+
+#: Metadata row ids (SQLite and PostgreSQL integers): larger numbers are refused (400) before the
+#: database sees them, where they would not fit its integer and fail the request with a 500.
+MAX_ID = 2**31 - 1
+RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
+RowRef = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ClickHouseDep = Annotated[Client, Depends(get_clickhouse)]

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.deps import RowRef
 from api.metrics_query import (
     Comparison,
     DimensionFilter,
@@ -98,7 +99,7 @@ class AnalysisSource(BaseModel):
     """A saved analysis (``saved_queries`` row) computed by its analysis runner."""
 
     kind: Literal["analysis"] = "analysis"
-    saved_query_id: int = Field(ge=1)
+    saved_query_id: RowRef
 
 
 DataSource = Annotated[MetricSource | MetricsSource | SqlSource | AnalysisSource, Field(discriminator="kind")]

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -52,6 +52,7 @@ from api.auth import (
     not_found,
 )
 from api.dashboards.models import Page
+from api.deps import RowId, RowRef
 from api.metadata.models import Cohort
 
 router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"], responses=ERROR_RESPONSES)
@@ -127,11 +128,6 @@ def invalid(exc: Exception) -> ApiError:
 #: What ``DateTime64(3)`` holds: instants outside it cannot even be sent to ClickHouse as parameters.
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST = datetime(2262, 1, 1, tzinfo=UTC)
-
-#: Metadata ids (SQLite and PostgreSQL integers): larger numbers are refused before the database sees them.
-MAX_ID = 2**31 - 1
-RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
-CohortRef = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
 def check_range(time_range: TimeRange) -> TimeRange:
@@ -218,7 +214,7 @@ class CohortOut(BaseModel):
 class CompareIn(BaseModel):
     """Cohorts to put side by side under the same retention analysis."""
 
-    cohort_ids: list[CohortRef] = Field(min_length=1, max_length=10)
+    cohort_ids: list[RowRef] = Field(min_length=1, max_length=10)
     retention: RetentionDefinition
     time_range: TimeRange
 
@@ -405,8 +401,6 @@ def cohort_ltv(
 __all__ = [
     "AnalysisClickHouse",
     "ReportSettings",
-    "CohortRef",
-    "RowId",
     "check_range",
     "invalid",
     "load_editable_row",

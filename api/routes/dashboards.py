@@ -42,6 +42,7 @@ from api.dashboards.models import (
     WidgetType,
 )
 from api.dashboards.widgets import WidgetContext, WidgetDataError, merge_filters, resolve_cached
+from api.deps import RowId
 from api.metadata.models import Dashboard, DashboardShare, DashboardWidget, User
 from api.metrics_query import DimensionFilter, Granularity, QueryError, RelativeRange, UnknownMetric
 
@@ -158,7 +159,7 @@ def create_dashboard(body: DashboardIn, principal: Analyst, session: DbSession) 
 
 
 @router.get("/{dashboard_id}", response_model=DashboardOut, summary="Read a dashboard")
-def get_dashboard(dashboard_id: int, principal: MaybePrincipal, session: DbSession) -> DashboardOut:
+def get_dashboard(dashboard_id: RowId, principal: MaybePrincipal, session: DbSession) -> DashboardOut:
     """A dashboard the caller can see; public dashboards need no key."""
     dashboard, access = load_visible(session, dashboard_id, principal)
     return dashboard_out(session, dashboard, access)
@@ -166,7 +167,7 @@ def get_dashboard(dashboard_id: int, principal: MaybePrincipal, session: DbSessi
 
 @router.patch("/{dashboard_id}", response_model=DashboardOut, summary="Change a dashboard")
 def update_dashboard(
-    dashboard_id: int, body: DashboardPatch, principal: CurrentPrincipal, session: DbSession
+    dashboard_id: RowId, body: DashboardPatch, principal: CurrentPrincipal, session: DbSession
 ) -> DashboardOut:
     """Change name, description, visibility, layout or default filters (owner or edit share)."""
     dashboard = load_editable(session, dashboard_id, principal)
@@ -181,7 +182,7 @@ def update_dashboard(
 
 
 @router.delete("/{dashboard_id}", status_code=204, summary="Delete a dashboard")
-def delete_dashboard(dashboard_id: int, principal: CurrentPrincipal, session: DbSession) -> None:
+def delete_dashboard(dashboard_id: RowId, principal: CurrentPrincipal, session: DbSession) -> None:
     """Delete a dashboard (its owner; admins for pre-built ones)."""
     dashboard, access = load_visible(session, dashboard_id, principal)
     if access != "owner" and not (dashboard.prebuilt_slug and principal.role is Role.admin):
@@ -194,7 +195,7 @@ def delete_dashboard(dashboard_id: int, principal: CurrentPrincipal, session: Db
 
 @router.post("/{dashboard_id}/duplicate", response_model=DashboardOut, status_code=201, summary="Duplicate a dashboard")
 def duplicate_dashboard(
-    dashboard_id: int, principal: Analyst, session: DbSession, body: DuplicateIn | None = None
+    dashboard_id: RowId, principal: Analyst, session: DbSession, body: DuplicateIn | None = None
 ) -> DashboardOut:
     """A private copy (with widgets, without shares) owned by the caller."""
     source, _ = load_visible(session, dashboard_id, principal)
@@ -233,7 +234,7 @@ def _widget_of(dashboard: Dashboard, widget_id: int) -> DashboardWidget:
 
 
 @router.post("/{dashboard_id}/widgets", response_model=WidgetOut, status_code=201, summary="Add a widget")
-def add_widget(dashboard_id: int, body: WidgetIn, principal: CurrentPrincipal, session: DbSession) -> WidgetOut:
+def add_widget(dashboard_id: RowId, body: WidgetIn, principal: CurrentPrincipal, session: DbSession) -> WidgetOut:
     """Add a widget to a dashboard the caller may edit."""
     dashboard = load_editable(session, dashboard_id, principal)
     widget = new_widget(body)
@@ -244,7 +245,7 @@ def add_widget(dashboard_id: int, body: WidgetIn, principal: CurrentPrincipal, s
 
 @router.patch("/{dashboard_id}/widgets/{widget_id}", response_model=WidgetOut, summary="Change a widget")
 def update_widget(
-    dashboard_id: int, widget_id: int, body: WidgetPatch, principal: CurrentPrincipal, session: DbSession
+    dashboard_id: RowId, widget_id: RowId, body: WidgetPatch, principal: CurrentPrincipal, session: DbSession
 ) -> WidgetOut:
     """Change a widget's type, source, options, position/size or refresh rate."""
     dashboard = load_editable(session, dashboard_id, principal)
@@ -258,7 +259,7 @@ def update_widget(
 
 
 @router.delete("/{dashboard_id}/widgets/{widget_id}", status_code=204, summary="Remove a widget")
-def delete_widget(dashboard_id: int, widget_id: int, principal: CurrentPrincipal, session: DbSession) -> None:
+def delete_widget(dashboard_id: RowId, widget_id: RowId, principal: CurrentPrincipal, session: DbSession) -> None:
     """Remove a widget from a dashboard the caller may edit."""
     dashboard = load_editable(session, dashboard_id, principal)
     widget = _widget_of(dashboard, widget_id)
@@ -286,8 +287,8 @@ def _parse_filter(text: str) -> DimensionFilter:
 @router.get("/{dashboard_id}/widgets/{widget_id}/data", response_model=WidgetData, summary="A widget's data")
 def widget_data(
     request: Request,
-    dashboard_id: int,
-    widget_id: int,
+    dashboard_id: RowId,
+    widget_id: RowId,
     principal: MaybePrincipal,
     session: DbSession,
     range: Annotated[RelativeRange | None, Query(description="Override the dashboard's range.")] = None,
@@ -352,7 +353,7 @@ def _load_owned(session: Any, dashboard_id: int, principal: Principal) -> Dashbo
 
 @router.get("/{dashboard_id}/shares", response_model=Page[ShareOut], summary="List a dashboard's shares")
 def list_shares(
-    dashboard_id: int,
+    dashboard_id: RowId,
     principal: CurrentPrincipal,
     session: DbSession,
     limit: int = Query(50, ge=1, le=500),
@@ -367,7 +368,7 @@ def list_shares(
 
 
 @router.post("/{dashboard_id}/shares", response_model=ShareOut, status_code=201, summary="Share a dashboard")
-def add_share(dashboard_id: int, body: ShareIn, principal: CurrentPrincipal, session: DbSession) -> ShareOut:
+def add_share(dashboard_id: RowId, body: ShareIn, principal: CurrentPrincipal, session: DbSession) -> ShareOut:
     """Share with a person (by email) at view or edit; one share per dashboard and person (409 otherwise)."""
     dashboard = _load_owned(session, dashboard_id, principal)
     if any(s.email == body.email for s in dashboard.shares):
@@ -384,7 +385,7 @@ def add_share(dashboard_id: int, body: ShareIn, principal: CurrentPrincipal, ses
 
 
 @router.delete("/{dashboard_id}/shares/{share_id}", status_code=204, summary="Stop sharing")
-def delete_share(dashboard_id: int, share_id: int, principal: CurrentPrincipal, session: DbSession) -> None:
+def delete_share(dashboard_id: RowId, share_id: RowId, principal: CurrentPrincipal, session: DbSession) -> None:
     """Remove a share."""
     dashboard = _load_owned(session, dashboard_id, principal)
     share = next((s for s in dashboard.shares if s.id == share_id), None)

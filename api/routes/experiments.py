@@ -38,8 +38,9 @@ from api.analyses.experiments import (
 from api.analyses.query import TimeRange
 from api.auth import ERROR_RESPONSES, Analyst, ApiError, CurrentPrincipal, DbSession, Role, forbidden, not_found
 from api.dashboards.models import Page
+from api.deps import MAX_ID, RowId
 from api.metadata.models import Experiment, ExperimentAssignment
-from api.routes.cohorts import MAX_ID, AnalysisClickHouse, RowId, check_range, invalid, page_of, resolve_cohort
+from api.routes.cohorts import AnalysisClickHouse, check_range, invalid, page_of, resolve_cohort
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"], responses=ERROR_RESPONSES)
 

@@ -28,12 +28,10 @@ from api.analyses.funnels import (
 from api.analyses.query import PropertyFilter, TimeRange
 from api.auth import ERROR_RESPONSES, Analyst, CurrentPrincipal, DbSession
 from api.dashboards.models import Page
+from api.deps import MAX_ID, RowId, RowRef
 from api.metadata.models import Funnel
 from api.routes.cohorts import (
-    MAX_ID,
     AnalysisClickHouse,
-    CohortRef,
-    RowId,
     check_range,
     invalid,
     load_editable_row,
@@ -80,7 +78,7 @@ class FunnelQuery(BaseModel):
 
     time_range: TimeRange
     filters: list[PropertyFilter] = Field(default_factory=list, max_length=50)
-    cohort_id: CohortRef | None = Field(None, description="Only people in this cohort (recomputed if stale).")
+    cohort_id: RowRef | None = Field(None, description="Only people in this cohort (recomputed if stale).")
 
 
 class AdHocFunnelQuery(FunnelQuery):

@@ -20,6 +20,7 @@ from api.auth import (
     not_found,
 )
 from api.dashboards.models import EMAIL_PATTERN, Page
+from api.deps import RowId
 from api.metadata.models import ApiKey, User
 
 router = APIRouter(prefix="/v1", tags=["keys"], responses=ERROR_RESPONSES)
@@ -112,7 +113,7 @@ def create_key(body: KeyIn, principal: CurrentPrincipal, session: DbSession) -> 
 
 
 @router.delete("/keys/{key_id}", status_code=204, summary="Revoke an API key")
-def revoke_key(key_id: int, principal: CurrentPrincipal, session: DbSession) -> None:
+def revoke_key(key_id: RowId, principal: CurrentPrincipal, session: DbSession) -> None:
     """Revoke a key: admins any key, others their own."""
     key = session.get(ApiKey, key_id)
     if key is None or (principal.role is not Role.admin and key.owner_id != principal.user_id):

@@ -23,9 +23,9 @@ from api.analyses.retention import (
     compute_retention,
 )
 from api.auth import ERROR_RESPONSES, CurrentPrincipal, DbSession
+from api.deps import RowRef
 from api.routes.cohorts import (
     AnalysisClickHouse,
-    CohortRef,
     ReportSettings,
     check_range,
     invalid,
@@ -40,7 +40,7 @@ class AnalysisScope(BaseModel):
 
     time_range: TimeRange
     filters: list[PropertyFilter] = Field(default_factory=list, max_length=50)
-    cohort_id: CohortRef | None = Field(None, description="Only people in this cohort (recomputed if stale).")
+    cohort_id: RowRef | None = Field(None, description="Only people in this cohort (recomputed if stale).")
 
 
 class RetentionQuery(AnalysisScope):
