@@ -398,6 +398,8 @@ def bucket_starts(window: TimeWindow, granularity: Granularity, week_start: int)
     if granularity is Granularity.hour:
         local = window.start.astimezone(zone)
         cursor = local.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
+        if window.end - cursor > timedelta(hours=MAX_BUCKETS):  # counted before any is made
+            raise QueryError("too_many_buckets", f"more than {MAX_BUCKETS} buckets: choose a coarser granularity")
         while cursor < window.end:
             out.append(cursor)
             cursor += timedelta(hours=1)

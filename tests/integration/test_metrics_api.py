@@ -17,11 +17,13 @@ from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 
 from api.metrics_query import (
+    MAX_BUCKETS,
     Comparison,
     DimensionFilter,
     Granularity,
     MetricQuery,
     MetricsEngine,
+    QueryError,
     RelativeRange,
     TimeWindow,
     bucket_starts,
@@ -116,6 +118,19 @@ def test_buckets_follow_local_calendar() -> None:
     assert weeks_sun[0].astimezone(BERLIN).date() == date(2026, 3, 1)  # a Sunday
     weeks_mon = bucket_starts(month, Granularity.week, 1)
     assert weeks_mon[0].astimezone(BERLIN).date() == date(2026, 2, 23)
+
+
+@pytest.mark.parametrize(
+    ("granularity", "unit"), [(Granularity.hour, timedelta(hours=1)), (Granularity.day, timedelta(days=1))]
+)
+def test_no_more_than_max_buckets(granularity: Granularity, unit: timedelta) -> None:
+    # Hours were not counted: 0001-01-01..9999-12-31 by the hour made datetimes until memory ran out.
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    assert len(bucket_starts(TimeWindow(start, start + MAX_BUCKETS * unit, UTC_ZONE), granularity, 1)) == MAX_BUCKETS
+    for end in (start + (MAX_BUCKETS + 1) * unit, datetime(9999, 12, 31, tzinfo=UTC)):
+        with pytest.raises(QueryError) as refused:
+            bucket_starts(TimeWindow(start, end, UTC_ZONE), granularity, 1)
+        assert refused.value.code == "too_many_buckets"
 
 
 # --- against ClickHouse ------------------------------------------------------------------------
