@@ -25,7 +25,7 @@ Never is user input formatted into SQL: values are server-side parameters
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -293,6 +293,10 @@ class QueryError(ValueError):
 
 # --- time ranges ---------------------------------------------------------------------------------
 
+#: What ``DateTime64(3)`` holds: instants outside it cannot even be sent to ClickHouse as parameters.
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(2262, 1, 1, tzinfo=UTC)
+
 
 @dataclass(frozen=True)
 class TimeWindow:
@@ -348,7 +352,22 @@ def resolve_window(query: MetricQuery, zone: ZoneInfo, now: datetime) -> TimeWin
         start, end = _local_midnight(first, zone), _local_midnight(last, zone)
     if end <= start:
         raise QueryError("empty_range", "the range end must be after its start")
-    return TimeWindow(start.astimezone(UTC), end.astimezone(UTC), zone)
+    return _stored_instants(lambda: TimeWindow(start.astimezone(UTC), end.astimezone(UTC), zone), "the range")
+
+
+def _stored_instants(make: Callable[[], TimeWindow], what: str) -> TimeWindow:
+    """The window ``make`` builds, if its instants exist and ClickHouse timestamps hold them (else a 400).
+
+    Dates near year 1 or 9999 overflow once moved to UTC or a year back; the API says so
+    rather than failing with a 500.
+    """
+    try:
+        window = make()
+    except (OverflowError, ValueError):
+        window = None
+    if window is None or window.start < EARLIEST or window.end > LATEST:
+        raise QueryError("out_of_range", f"{what} must lie within {EARLIEST.year}..{LATEST.year} (UTC)")
+    return window
 
 
 def _is_local_midnight(instant: datetime, zone: ZoneInfo) -> bool:
@@ -357,7 +376,7 @@ def _is_local_midnight(instant: datetime, zone: ZoneInfo) -> bool:
 
 
 def comparison_window(window: TimeWindow, kind: Comparison) -> TimeWindow:
-    """The period a window is compared with.
+    """The period a window is compared with (a 400 when it would leave the instants ClickHouse holds).
 
     - previous period, whole calendar months (e.g. March): the same number of months before
       (February, whatever its length);
@@ -365,6 +384,10 @@ def comparison_window(window: TimeWindow, kind: Comparison) -> TimeWindow:
     - previous period, anything else: the same duration right before;
     - previous year: the same local dates a year earlier (Feb 29 maps to Feb 28).
     """
+    return _stored_instants(lambda: _comparison_window(window, kind), "the comparison period")
+
+
+def _comparison_window(window: TimeWindow, kind: Comparison) -> TimeWindow:
     zone = window.zone
     start_local, end_local = window.start.astimezone(zone), window.end.astimezone(zone)
     whole_days = _is_local_midnight(window.start, zone) and _is_local_midnight(window.end, zone)

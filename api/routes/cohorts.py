@@ -15,7 +15,7 @@ show them without querying ClickHouse.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -54,6 +54,7 @@ from api.auth import (
 from api.dashboards.models import Page
 from api.deps import RowId, RowRef
 from api.metadata.models import Cohort
+from api.metrics_query import EARLIEST, LATEST
 
 router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"], responses=ERROR_RESPONSES)
 
@@ -123,11 +124,6 @@ def page_of(session: Session, query: Any, order: Any, limit: int, offset: int) -
 def invalid(exc: Exception) -> ApiError:
     """400 for a definition or request the analysis refuses (its message says why)."""
     return ApiError(400, "invalid_request", str(exc))
-
-
-#: What ``DateTime64(3)`` holds: instants outside it cannot even be sent to ClickHouse as parameters.
-EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
-LATEST = datetime(2262, 1, 1, tzinfo=UTC)
 
 
 def check_range(time_range: TimeRange) -> TimeRange:

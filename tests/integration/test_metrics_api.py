@@ -133,6 +133,37 @@ def test_no_more_than_max_buckets(granularity: Granularity, unit: timedelta) -> 
         assert refused.value.code == "too_many_buckets"
 
 
+@pytest.mark.parametrize(
+    ("start", "end", "zone"),
+    [
+        (date(1, 1, 1), date(2026, 1, 1), ZoneInfo("Pacific/Kiritimati")),  # year 0 in UTC: overflowed (a 500)
+        (date(2026, 1, 1), date(9999, 12, 31), ZoneInfo("Etc/GMT+12")),  # year 10000 in UTC: overflowed
+        (date(1899, 12, 31), date(1900, 1, 2), UTC_ZONE),  # exists, but ClickHouse cannot hold it
+        (date(2026, 1, 1), date(2262, 1, 2), UTC_ZONE),
+    ],
+)
+def test_ranges_beyond_clickhouse_timestamps_are_refused(start: date, end: date, zone: ZoneInfo) -> None:
+    with pytest.raises(QueryError) as refused:
+        resolve_window(MetricQuery(start=start, end=end), zone, datetime(2030, 1, 1, tzinfo=UTC))
+    assert refused.value.code == "out_of_range"
+
+
+@pytest.mark.parametrize("kind", list(Comparison))
+def test_comparisons_beyond_clickhouse_timestamps_are_refused(kind: Comparison) -> None:
+    # Before January of year 1 is year 0 (ValueError, a 500 before); January 1900 compares with 1899.
+    for first in (date(1, 1, 1), date(1900, 1, 1)):
+        window = TimeWindow(
+            datetime(first.year, first.month, first.day, tzinfo=UTC),
+            datetime(first.year, first.month + 1, first.day, tzinfo=UTC),
+            UTC_ZONE,
+        )
+        with pytest.raises(QueryError) as refused:
+            comparison_window(window, kind)
+        assert refused.value.code == "out_of_range"
+    inside = _window(date(1901, 3, 1), date(1901, 4, 1))
+    assert comparison_window(inside, kind).start.year in (1900, 1901)
+
+
 # --- against ClickHouse ------------------------------------------------------------------------
 
 
