@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -216,6 +216,9 @@ _bearer = HTTPBearer(auto_error=False, description="An API key as a bearer token
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
 BearerKey = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 HeaderKey = Annotated[str | None, Security(_api_key_header)]
+#: ``openapi_extra`` of a route that also serves callers without a key (``MaybePrincipal``): the
+#: empty requirement, appended to the two schemes, is how OpenAPI says authentication is optional.
+OPTIONAL_AUTH: dict[str, Any] = {"security": [{}]}
 
 
 def presented_key(bearer: HTTPAuthorizationCredentials | None, api_key: str | None) -> str | None:

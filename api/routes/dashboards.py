@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.auth import (
     ERROR_RESPONSES,
+    OPTIONAL_AUTH,
     Analyst,
     ApiError,
     CurrentPrincipal,
@@ -158,7 +159,7 @@ def create_dashboard(body: DashboardIn, principal: Analyst, session: DbSession) 
     return dashboard_out(session, dashboard, "owner")
 
 
-@router.get("/{dashboard_id}", response_model=DashboardOut, summary="Read a dashboard")
+@router.get("/{dashboard_id}", response_model=DashboardOut, summary="Read a dashboard", openapi_extra=OPTIONAL_AUTH)
 def get_dashboard(dashboard_id: RowId, principal: MaybePrincipal, session: DbSession) -> DashboardOut:
     """A dashboard the caller can see; public dashboards need no key."""
     dashboard, access = load_visible(session, dashboard_id, principal)
@@ -284,7 +285,12 @@ def _parse_filter(text: str) -> DimensionFilter:
         raise ApiError(400, "invalid_request", f"filter {text!r}: {exc}") from exc
 
 
-@router.get("/{dashboard_id}/widgets/{widget_id}/data", response_model=WidgetData, summary="A widget's data")
+@router.get(
+    "/{dashboard_id}/widgets/{widget_id}/data",
+    response_model=WidgetData,
+    summary="A widget's data",
+    openapi_extra=OPTIONAL_AUTH,
+)
 def widget_data(
     request: Request,
     dashboard_id: RowId,

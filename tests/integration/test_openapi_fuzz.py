@@ -9,6 +9,7 @@ bounded to keep the run short.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,30 @@ def test_no_server_errors(query_api_schema: Any) -> None:
         except Exception as exc:  # collect every operation's failure, then report them together
             failures.append(f"{operation.label}: {str(exc)[:1500]}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_operations_declare_whether_a_key_is_required(ch_db: Client, tmp_path: Path) -> None:
+    # Every operation either refuses a caller without a key (401) or says in its security list,
+    # with the empty requirement, that a key is optional (public dashboards and their widgets).
+    app = build_app(ch_db, tmp_path)
+    with TestClient(app) as client:
+        created = client.post("/v1/dashboards", headers=AUTH, json={"name": "seed", "widgets": SEED_WIDGETS})
+        assert created.status_code == 201, created.text
+        optional, checked = [], 0
+        for path, operations in app.openapi()["paths"].items():
+            if not path.startswith(QUERY_API_PREFIXES):
+                continue
+            for method, operation in operations.items():
+                assert operation.get("security"), f"{method} {path} declares no authentication"
+                response = client.request(method.upper(), re.sub(r"\{\w+\}", "1", path), json={})
+                checked += 1
+                if {} in operation["security"]:
+                    optional.append(f"{method} {path}")
+                    assert response.status_code in (200, 404), f"{method} {path}: {response.text[:200]}"
+                else:
+                    assert response.status_code == 401, f"{method} {path} -> {response.status_code} without a key"
+    assert checked >= 15
+    assert optional == [
+        "get /v1/dashboards/{dashboard_id}",
+        "get /v1/dashboards/{dashboard_id}/widgets/{widget_id}/data",
+    ]
