@@ -6,7 +6,7 @@ from datetime import date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import RowRef
 from api.metrics_query import (
@@ -152,8 +152,10 @@ class DashboardFilters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     range: RelativeRange | None = RelativeRange.last_30_days
-    start: datetime | date | None = None
-    end: datetime | date | None = None
+    # Stored and returned as given: an instant needs its offset (a date-time without one is not
+    # RFC 3339, so no client could read it back); a local day is a date.
+    start: AwareDatetime | date | None = Field(None, description="A local date or an instant with its offset.")
+    end: AwareDatetime | date | None = Field(None, description="Exclusive: a local date or an instant with its offset.")
     granularity: Granularity = Granularity.day
     filters: list[DimensionFilter] = Field(default_factory=list, max_length=20)
     timezone: str | None = None

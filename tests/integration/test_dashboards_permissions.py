@@ -228,3 +228,23 @@ def test_a_widget_cannot_name_a_saved_query_id_beyond_the_database_integer(api: 
         "/v1/dashboards", headers=keys.ana, json={"name": "x", "widgets": [{**WIDGET, "data_source": source}]}
     )
     assert bad.status_code == 400 and "saved_query_id" in bad.json()["error"]["message"]
+
+
+def test_default_filters_are_dates_or_instants_with_their_offset(api: tuple[TestClient, Keys]) -> None:
+    # A date-time without an offset was stored and returned as such: not RFC 3339, so the
+    # response broke its own schema (found by the OpenAPI fuzz test with 0147-05-23T00:00:00).
+    client, keys = api
+    kept = _create(client, keys.ana, default_filters={"start": "2026-03-01", "end": "2026-03-08T00:00:00+02:00"})
+    stored = kept["default_filters"]
+    assert (stored["start"], stored["end"]) == ("2026-03-01", "2026-03-08T00:00:00+02:00")
+    midnight = _create(client, keys.ana, default_filters={"start": "0147-05-23T00:00:00"})
+    assert midnight["default_filters"]["start"] == "0147-05-23"  # a local midnight is that local day
+    naive = client.post(
+        "/v1/dashboards", headers=keys.ana, json={"name": "x", "default_filters": {"start": "2026-03-08T10:00:00"}}
+    )
+    assert naive.status_code == 400 and "timezone" in naive.json()["error"]["message"]
+    widget = kept["widgets"][0]["id"]
+    data = client.get(
+        f"/v1/dashboards/{kept['id']}/widgets/{widget}/data", headers=keys.ana, params={"start": "2026-03-08T10:00:00"}
+    )
+    assert data.status_code == 400 and "timezone" in data.json()["error"]["message"]
