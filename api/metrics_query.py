@@ -422,7 +422,7 @@ def bucket_starts(window: TimeWindow, granularity: Granularity, week_start: int)
         local = window.start.astimezone(zone)
         cursor = local.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
         if window.end - cursor > timedelta(hours=MAX_BUCKETS):  # counted before any is made
-            raise QueryError("too_many_buckets", f"more than {MAX_BUCKETS} buckets: choose a coarser granularity")
+            raise _too_many_buckets()
         while cursor < window.end:
             out.append(cursor)
             cursor += timedelta(hours=1)
@@ -438,13 +438,17 @@ def bucket_starts(window: TimeWindow, granularity: Granularity, week_start: int)
             return out
         out.append(instant)
         if len(out) > MAX_BUCKETS:
-            raise QueryError("too_many_buckets", f"more than {MAX_BUCKETS} buckets: choose a coarser granularity")
+            raise _too_many_buckets()
         if granularity is Granularity.day:
             day += timedelta(days=1)
         elif granularity is Granularity.week:
             day += timedelta(days=7)
         else:
             day = _add_months(day, 1)
+
+
+def _too_many_buckets() -> QueryError:
+    return QueryError("too_many_buckets", f"more than {MAX_BUCKETS} buckets: choose a coarser granularity")
 
 
 def bucket_end(start: datetime, granularity: Granularity, zone: ZoneInfo) -> datetime:
