@@ -298,6 +298,11 @@ EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST = datetime(2262, 1, 1, tzinfo=UTC)
 
 
+def storable(start: datetime, end: datetime) -> bool:
+    """Whether ClickHouse timestamps hold every instant from ``start`` to ``end``."""
+    return start >= EARLIEST and end <= LATEST
+
+
 @dataclass(frozen=True)
 class TimeWindow:
     """A half-open range ``[start, end)`` of aware instants, with the zone its calendar follows."""
@@ -365,7 +370,7 @@ def _stored_instants(make: Callable[[], TimeWindow], what: str) -> TimeWindow:
         window = make()
     except (OverflowError, ValueError):
         window = None
-    if window is None or window.start < EARLIEST or window.end > LATEST:
+    if window is None or not storable(window.start, window.end):
         raise QueryError("out_of_range", f"{what} must lie within {EARLIEST.year}..{LATEST.year} (UTC)")
     return window
 

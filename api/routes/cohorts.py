@@ -54,7 +54,7 @@ from api.auth import (
 from api.dashboards.models import Page
 from api.deps import RowId, RowRef
 from api.metadata.models import Cohort
-from api.metrics_query import EARLIEST, LATEST
+from api.metrics_query import EARLIEST, LATEST, storable
 
 router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"], responses=ERROR_RESPONSES)
 
@@ -130,7 +130,7 @@ def check_range(time_range: TimeRange) -> TimeRange:
     """A time range must not be empty and must lie within what ClickHouse timestamps hold (else 400)."""
     if time_range.end <= time_range.start:
         raise ApiError(400, "invalid_request", "time_range.end must be after time_range.start")
-    if time_range.start < EARLIEST or time_range.end > LATEST:
+    if not storable(time_range.start, time_range.end):
         raise ApiError(400, "invalid_request", f"time ranges must lie within {EARLIEST.year}..{LATEST.year}")
     return time_range
 
