@@ -20,6 +20,10 @@ from api.metrics_query import (
 T = TypeVar("T")
 #: Deliberately loose: one "@", something on each side, no spaces (delivery is not our job).
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+$"
+#: A range bound of a dashboard: a local day, or an instant with its offset. Stored and returned
+#: as given, so no naive date-time (not RFC 3339, no client could read it back); a naive local
+#: midnight reads as that day.
+DayOrInstant = AwareDatetime | date
 
 
 class Page(BaseModel, Generic[T]):
@@ -152,10 +156,8 @@ class DashboardFilters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     range: RelativeRange | None = RelativeRange.last_30_days
-    # Stored and returned as given: an instant needs its offset (a date-time without one is not
-    # RFC 3339, so no client could read it back); a local day is a date.
-    start: AwareDatetime | date | None = Field(None, description="A local date or an instant with its offset.")
-    end: AwareDatetime | date | None = Field(None, description="Exclusive: a local date or an instant with its offset.")
+    start: DayOrInstant | None = Field(None, description="A local date or an instant with its offset.")
+    end: DayOrInstant | None = Field(None, description="Exclusive: a local date or an instant with its offset.")
     granularity: Granularity = Granularity.day
     filters: list[DimensionFilter] = Field(default_factory=list, max_length=20)
     timezone: str | None = None

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import AwareDatetime
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -31,6 +29,7 @@ from api.dashboards.models import (
     DashboardOut,
     DashboardPatch,
     DashboardSummary,
+    DayOrInstant,
     DuplicateIn,
     Page,
     Permission,
@@ -299,8 +298,8 @@ def widget_data(
     principal: MaybePrincipal,
     session: DbSession,
     range: Annotated[RelativeRange | None, Query(description="Override the dashboard's range.")] = None,
-    start: Annotated[AwareDatetime | date | None, Query(description="Override: range start (date or instant).")] = None,
-    end: Annotated[AwareDatetime | date | None, Query(description="Override: range end, exclusive.")] = None,
+    start: Annotated[DayOrInstant | None, Query(description="Override: range start (date or instant).")] = None,
+    end: Annotated[DayOrInstant | None, Query(description="Override: range end, exclusive.")] = None,
     granularity: Annotated[Granularity | None, Query()] = None,
     filter: Annotated[list[str] | None, Query(description="dimension:op:value, repeatable")] = None,  # noqa: A002
     refresh: Annotated[
