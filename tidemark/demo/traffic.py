@@ -182,7 +182,7 @@ class _Visitor:
     member: _Member | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # removed from long lists by identity: a field-by-field __eq__ made closing quadratic
 class _Project:
     project_id: str
     creator: str
