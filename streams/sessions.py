@@ -260,9 +260,15 @@ class SessionTracker:
         return None
 
     def take_dirty(self) -> list[SessionWindow]:
-        """The sessions changed since the last call (copies of the open ones: they may keep changing)."""
-        # A closed session is out of ``open`` and never changes again: it is handed over as it is.
-        out = [s if s.closed else SessionWindow(*session_values(s)) for s in self.dirty.values()]
+        """The sessions changed since the last call.
+
+        The open ones are handed over as they are, not copied: later events keep changing
+        them, so a caller reads (or encodes) them before the next :meth:`add`, or wants
+        their latest version anyway (a session's newest version replaces the earlier ones
+        downstream). Copying every changed session at every flush cost more than folding
+        it into the session metrics.
+        """
+        out = list(self.dirty.values())
         self.dirty.clear()
         return out
 
