@@ -95,16 +95,17 @@ class PartitionProcessor:
         self.events_applied += 1
         return True
 
-    def flush(self, now: float | None = None) -> FlushResult:
+    def flush(self, now: float | None = None, copy: bool = True) -> FlushResult:
         """Close idle sessions, fold changed sessions into session metrics, publish changed windows.
 
-        ``now`` (monotonic seconds) lets long periods be published less often (see
+        ``now`` (monotonic seconds) lets long periods be published less often; ``copy=False``
+        hands over open windows' states uncopied, to be encoded before the next event (see
         :meth:`WindowedMetrics.flush`).
         """
         expired = self.sessions.expire(self.metrics.watermark)
         sessions = self.sessions.take_dirty()
         self.metrics.add_sessions(sessions)
-        partials = self.metrics.flush(self.sessions.oldest_open_start(), now)
+        partials = self.metrics.flush(self.sessions.oldest_open_start(), now, copy)
         return FlushResult(sessions=sessions, partials=partials, expired_sessions=expired)
 
     @property

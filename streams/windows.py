@@ -459,13 +459,20 @@ class WindowedMetrics:
                     dirty.add(owner[0])
             pending.clear()
 
-    def flush(self, oldest_open_session: int | None = None, now: float | None = None) -> list[MetricPartial]:
+    def flush(
+        self, oldest_open_session: int | None = None, now: float | None = None, copy: bool = True
+    ) -> list[MetricPartial]:
         """Merge pending minutes into their windows, publish changed windows, close finished ones.
 
         With ``now`` (seconds, monotonic) and ``publish_every`` set, a changed window of a
         long period is published at most every ``publish_every[period]`` seconds (a day
         window touched by every event need not be re-sent every second); a window that
         closes is always published. Without ``now`` every changed window is published.
+
+        A partial of an open window holds a copy of its state, since the window keeps
+        changing; ``copy=False`` hands over the window itself, for a caller that encodes the
+        partials before the next event (copying a set of thousands of ids to encode it once
+        cost as much as encoding it).
         """
         self._merge_pending()
         self._apply_links()
@@ -482,7 +489,7 @@ class WindowedMetrics:
             for period in periods_due:
                 self._published_at[period] = now
             due = {w for w in dirty if w[3] in periods_due or w in closed or w[3] not in self.publish_every}
-        partials = self._partials(due, closed)
+        partials = self._partials(due, closed, copy)
         if due is dirty:
             dirty.clear()
         else:
@@ -513,9 +520,9 @@ class WindowedMetrics:
                 closed.add(wkey)
         return closed
 
-    def _partials(self, due: Iterable[WindowKey], closed: set[WindowKey]) -> list[MetricPartial]:
+    def _partials(self, due: Iterable[WindowKey], closed: set[WindowKey], copy: bool = True) -> list[MetricPartial]:
         # A closing window's accumulator is handed over as the partial's state (nothing changes it
-        # any more); an open one is copied, since it keeps changing after it was published.
+        # any more); an open one is copied (unless ``copy`` is False), since it keeps changing.
         windows, ends, groups = self.windows, self.ends, self.groups
         partition, watermark = self.partition, self.announced
         out: list[MetricPartial] = []
@@ -527,7 +534,7 @@ class WindowedMetrics:
             publishers = group.publishers[(dim, period)]
             acc, end = windows[wkey], ends[wkey]
             if publishers.members:
-                state = acc if wkey in closed else acc.partial()
+                state = acc if not copy or wkey in closed else acc.partial()
                 if publishers.ratios:
                     states[wkey] = state
                 for name in publishers.members:
@@ -545,7 +552,7 @@ class WindowedMetrics:
                 if acc is None:
                     parts.append(group.new())
                 else:
-                    parts.append(acc if wkey in closed else states.get(wkey) or acc.partial())
+                    parts.append(acc if not copy or wkey in closed else states.get(wkey) or acc.partial())
             out.append(MetricPartial(view.name, period, start, end, dim, value, partition, watermark,
                                      RatioAccumulator(parts[0], parts[1])))
         return out

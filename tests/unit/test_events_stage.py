@@ -5,12 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from schemas.codec import event_codec
 from schemas.models import AnalyticsEvent
 from schemas.streams import UserSession, metric_partial_batch_codec, session_codec
 from streams.agents.events import EventsAgent
-from streams.aggregators import compile_catalogue
+from streams.aggregators import compile_catalogue, encode_state
 from streams.catalogue import get_catalogue
+from streams.events import StreamEvent
+from streams.periods import PeriodCalendar
+from streams.processor import PartitionProcessor
 from tidemark.settings import Settings
 
 START = datetime(2026, 3, 2, tzinfo=UTC)
@@ -53,7 +58,9 @@ def test_open_sessions_are_published_at_most_every_few_seconds_closed_ones_at_on
     assert published[2][0] != published[0][0]
 
 
-def stage_publishing_partials(limit: int | None) -> tuple[EventsAgent, list[dict[str, Any]]]:
+def stage_publishing_partials(
+    limit: int | None, settings: Settings | None = None
+) -> tuple[EventsAgent, list[dict[str, Any]]]:
     """A stage whose partial messages are decoded into ``sent`` (lane added to each record)."""
     codec = metric_partial_batch_codec()
     sent: list[dict[str, Any]] = []
@@ -61,7 +68,7 @@ def stage_publishing_partials(limit: int | None) -> tuple[EventsAgent, list[dict
     def publish_partials(_key: bytes, value: bytes, lane: int) -> None:
         sent.append({**codec.decode(value), "lane": lane, "size": len(value)})
 
-    stage = EventsAgent(Settings(stream_flush_events=100_000), compile_catalogue(get_catalogue()),
+    stage = EventsAgent(settings or Settings(stream_flush_events=100_000), compile_catalogue(get_catalogue()),
                         publish_session=lambda _k, _v: None, publish_partials=publish_partials,
                         save_checkpoint=lambda _p, _b: None, load_checkpoint=lambda _p: None,
                         commit=lambda _p, _o: None, partial_lanes=2)
@@ -122,3 +129,51 @@ def test_partitions_due_share_the_waits_and_checkpoint_only_after_their_outputs_
     steps.clear()
     stage.flush_all()  # nothing new, nothing due
     assert steps == []
+
+
+def test_published_partials_are_each_windows_state_at_its_flush() -> None:
+    # The stage hands its open windows to the encoder uncopied and encodes a state shared by
+    # several metrics once: what it sends must still be every window's value at the flush,
+    # although later events change the windows. Reference: a processor publishing copies,
+    # each encoded on its own, fed the same events and flushed at the same points.
+    codec_events = event_codec()
+    # Every change goes out at every flush (no period waits), as it does from the reference.
+    stage, sent = stage_publishing_partials(None, Settings(stream_flush_events=100_000, stream_republish_max_seconds=0))
+    reference = PartitionProcessor(0, stage.aggregators, PeriodCalendar("UTC"), grace=stage.grace,
+                                   session_gap=stage.gap, session_max_length=stage.max_length)
+    names = ("page_view", "signup", "fund_project", "watch_ad")
+    expected: list[tuple[Any, ...]] = []
+    for offset in range(1200):
+        event = AnalyticsEvent(
+            event_name=names[offset % 4], event_type="page_view" if offset % 4 == 0 else "action",
+            anonymous_id=f"d{offset % 97}", user_id=f"u{offset % 89}" if offset % 3 else None,
+            timestamp=START + timedelta(seconds=offset * 7),
+            properties={"amount": 5.0 + offset % 11, "revenue": 0.25, "fee": 0.5},
+            context={"country": ("KE", "UG", "NG")[offset % 3]},
+        )
+        value = codec_events.encode(event.to_avro())
+        stage.on_message(0, offset, value)
+        reference.process(StreamEvent.decode(value), offset)
+        if offset % 50 == 49:
+            stage.flush(0)
+            expected.extend(
+                (p.metric, p.period.value, p.period_start, p.dimension, p.dimension_value,
+                 canonical(orjson.dumps(encode_state(p.state))))
+                for p in reference.flush().partials
+            )
+    published = [(e["metric"], e["period"], e["periodStart"], e["dimension"], e["dimensionValue"],
+                  canonical(e["state"])) for message in sent for e in message["partials"]]
+    assert len(published) > 1000
+    assert sorted(published) == sorted(expected)
+
+
+def canonical(text: bytes) -> bytes:
+    """An encoded state with its distinct keys sorted (a set's order is its own)."""
+    def sort_keys(data: Any) -> Any:
+        if isinstance(data, list) and data and data[0] == "d":
+            return ["d", data[1], sorted(data[2])]
+        if isinstance(data, list) and data and data[0] == "r":
+            return ["r", sort_keys(data[1]), sort_keys(data[2])]
+        return data
+
+    return orjson.dumps(sort_keys(orjson.loads(text)))
