@@ -217,6 +217,26 @@ class RatioAccumulator:
         self.num, self.den = state
 
 
+def merged_value(empty: Any, parts: list[Any]) -> float | None:
+    """The value of ``parts`` (partials of one window) merged, ``empty`` being the metric's :meth:`new_partial`.
+
+    What merging them into ``empty`` and asking its value gives, without building the merged
+    state where that is the cost: distinct counts are counted over the union of the parts'
+    keys (:meth:`DistinctCounter.union_count`), a ratio's sides each so. ``parts`` are not changed.
+    """
+    kind = type(empty)
+    if kind is DistinctAccumulator:
+        return float(DistinctCounter.union_count([part.counter for part in parts]))
+    if kind is RatioAccumulator:
+        num = merged_value(empty.num, [part.num for part in parts])
+        den = merged_value(empty.den, [part.den for part in parts])
+        return None if num is None or not den else num / den
+    for part in parts:
+        empty.merge(part)
+    value: float | None = empty.value()
+    return value
+
+
 class SessionAccumulator:
     """Sessions started in a window, by session id: a newer version of a session replaces the older.
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from streams.aggregators import MetricAggregator, decode_state, encode_state
+from streams.aggregators import MetricAggregator, decode_state, encode_state, merged_value
 from streams.catalogue import Source
 from streams.periods import Period
 from streams.windows import DEFAULT_GRACE, MetricPartial, MetricValue, WindowKey
@@ -138,10 +138,7 @@ class SnapshotMerger:
         if parts is None:
             return None
         metric, dimension, dimension_value, period, start = wkey
-        merged = self.aggregators[metric].new_partial()
-        for state in parts.values():
-            merged.merge(state)
-        value = merged.value()
+        value = merged_value(self.aggregators[metric].new_partial(), list(parts.values()))
         if value is None:
             return None
         dims = {dimension: dimension_value} if dimension else {}

@@ -138,6 +138,31 @@ class DistinctCounter:
         restored = DistinctCounter.from_state(inner, limit)
         self.keys, self.sketch, self.exact_limit = restored.keys, restored.sketch, limit
 
+    @staticmethod
+    def union_count(counters: list[DistinctCounter]) -> int:
+        """How many distinct keys the union of ``counters`` holds, leaving them as they are.
+
+        Exact while every counter is (however many keys the union has: no sketch is built
+        just to count them); otherwise the estimate of the union's sketch.
+
+        >>> a, b = DistinctCounter(exact_limit=2), DistinctCounter(exact_limit=2)
+        >>> for key in ("u1", "u2"): a.add(key)
+        >>> for key in ("u2", "u3"): b.add(key)
+        >>> DistinctCounter.union_count([a, b]), a.estimate()
+        (3, 2)
+        """
+        exact = [c.keys for c in counters if c.keys is not None]
+        sketches = [c.sketch for c in counters if c.keys is None]
+        if not sketches:
+            return len(exact[0]) if len(exact) == 1 else len(set().union(*exact))
+        union = datasketches.hll_union(LG_K)
+        for sketch in sketches:
+            union.update(sketch)
+        for keys in exact:
+            for key in keys:
+                union.update(key)
+        return int(round(union.get_result(datasketches.tgt_hll_type.HLL_8).get_estimate()))
+
     def _to_sketch(self) -> None:
         sketch = datasketches.hll_sketch(LG_K, datasketches.tgt_hll_type.HLL_8)
         for key in self.keys or ():

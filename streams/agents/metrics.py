@@ -165,6 +165,9 @@ class MetricsAgent:
         merger.note_watermark(source, batch["watermark"])
         changed = self.changed.setdefault(lane, set())
         aggregators, put, late = self.aggregators, merger.put, 0
+        # Metrics sharing a window in stage one (dau and active_users) send the same text: decoded
+        # once, the state shared (the merger only reads its parts).
+        decoded: dict[bytes, Any] = {}
         for entry in batch["partials"]:
             metric = entry["metric"]
             if metric not in aggregators:  # removed from the catalogue since
@@ -172,7 +175,10 @@ class MetricsAgent:
             wkey = (metric, entry["dimension"], entry["dimensionValue"], PERIODS[entry["period"]],
                     entry["periodStart"])
             text = entry["state"]
-            if put(wkey, entry["periodEnd"], source, decode_state(orjson.loads(text)), text):
+            state = decoded.get(text)
+            if state is None:
+                state = decoded[text] = decode_state(orjson.loads(text))
+            if put(wkey, entry["periodEnd"], source, state, text):
                 changed.add(wkey)
             else:
                 late += 1

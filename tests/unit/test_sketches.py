@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from streams.aggregators import DistinctAccumulator, decode_state, encode_state
+from streams.aggregators import DistinctAccumulator, compile_catalogue, decode_state, encode_state, merged_value
+from streams.catalogue import CATALOGUE
 from streams.sketches import DistinctCounter
 
 
@@ -50,3 +51,43 @@ def test_exact_merged_into_sketch_and_back_through_state() -> None:
     assert restored.value() == small.value() == 55.0
     exact = decode_state(encode_state(DistinctAccumulator()))
     assert exact.value() == 0.0
+
+
+def test_union_count_is_exact_over_exact_parts_and_leaves_them_as_they_are() -> None:
+    # Parts of 600 keys each, overlapping: the union (1,850 keys) is past the limit of every part.
+    parts = [DistinctCounter(exact_limit=1_000) for _ in range(4)]
+    for n, part in enumerate(parts):
+        for i in range(n * 400, n * 400 + 600):
+            part.add(f"u{i}")
+    before = [set(part.keys or ()) for part in parts]
+    assert DistinctCounter.union_count(parts) == len(set().union(*before)) == 1_800
+    assert [part.keys for part in parts] == before and all(part.exact for part in parts)
+
+
+def test_union_count_over_sketched_and_exact_parts_is_within_one_percent() -> None:
+    rng = random.Random(9)
+    ids = [f"user-{rng.getrandbits(64)}" for _ in range(30_000)]
+    sketched, exact = DistinctCounter(exact_limit=1_000), DistinctCounter(exact_limit=1_000)
+    for key in ids[:25_000]:
+        sketched.add(key)
+    for key in ids[24_500:25_400]:  # overlaps the sketched part, stays exact
+        exact.add(key)
+    assert not sketched.exact and exact.exact
+    assert abs(DistinctCounter.union_count([sketched, exact]) - 25_400) / 25_400 <= 0.01
+
+
+def test_merged_value_of_ratio_parts_equals_merging_them() -> None:
+    # arpu's partials: revenue (a sum) over active people (distinct), from three partitions.
+    arpu = compile_catalogue(CATALOGUE, ["arpu"])["arpu"]
+    parts = []
+    for partition in range(3):
+        acc = arpu.new_partial()
+        acc.num.total = 10.0 * (partition + 1)
+        for i in range(partition * 3, partition * 3 + 5):
+            acc.den.add(f"u{i}")
+        parts.append(decode_state(encode_state(acc)))
+    merged = arpu.new_partial()
+    for part in parts:
+        merged.merge(part)
+    assert merged_value(arpu.new_partial(), parts) == merged.value() == 60.0 / 11
+    assert merged_value(arpu.new_partial(), [decode_state(encode_state(arpu.new_partial()))]) is None
