@@ -20,7 +20,9 @@ instead, where it is cheap to do so:
 
 Three stages, three consumer groups, each reading its topic with librdkafka in a thread
 of its own, run as a service of this Faust app (which owns the worker's lifecycle, its
-signals and its web endpoint):
+signals and its web endpoint); metric merging runs in a child process of the worker, so
+that it and the events stage each get a core (threads of one process share one
+interpreter lock):
 
 1. events (:mod:`streams.agents.events`, group ``<prefix><stream_app_id>``):
    ``events.raw`` → sessions and per-partition partials of metric windows;
@@ -55,7 +57,7 @@ from streams.agents.anomalies import register_anomaly_agent
 from streams.agents.checkpoints import ensure_checkpoint_topic
 from streams.agents.events import EventsConsumer, checkpoint_topic
 from streams.agents.metrics import PARTIALS_PARTITIONS, PARTIALS_TOPIC, MetricsConsumer, merge_checkpoint_topic
-from streams.agents.threaded import DurableProducer, run_as_service
+from streams.agents.threaded import ConsumerProcess, DurableProducer, run_as_service
 from streams.aggregators import compile_catalogue
 from streams.catalogue import get_catalogue
 from tidemark.settings import Settings
@@ -94,6 +96,12 @@ def partition_count(settings: Settings, spec: TopicSpec) -> int:
     return len(topic.partitions)
 
 
+def merging_stage(settings: Settings, source_partitions: int, metrics_partitions: int) -> MetricsConsumer:
+    """The metric-merging stage, made in the child process it runs in."""
+    aggregators = compile_catalogue(get_catalogue(settings.metrics_file))
+    return MetricsConsumer(settings, aggregators, source_partitions, metrics_partitions)
+
+
 def create_app(settings: Settings) -> faust.App:
     """The Faust app of the stream worker, with the events, metric-merging and anomaly stages as its services."""
     app_id = agents_app_id(settings)
@@ -116,7 +124,9 @@ def create_app(settings: Settings) -> faust.App:
     events = EventsConsumer(settings, aggregators, settings.topic(PARTIALS_TOPIC), partial_lanes=PARTIALS_PARTITIONS)
     run_as_service(app, events, "events consumer")
 
-    merging = MetricsConsumer(settings, aggregators, source_partitions, partition_count(settings, METRICS))
+    # Metric merging in a child process: a core of its own (see ConsumerProcess).
+    merging = ConsumerProcess(merging_stage, (settings, source_partitions, partition_count(settings, METRICS)),
+                              "metric-merging")
     run_as_service(app, merging, "metric merging")
 
     # Anomalies go out through librdkafka; the anomaly stage makes them durable before it checkpoints.
@@ -129,5 +139,4 @@ def create_app(settings: Settings) -> faust.App:
 
     app.tidemark_events_consumer = events  # type: ignore[attr-defined]
     app.tidemark_anomaly_agent = anomaly_agent  # type: ignore[attr-defined]
-    app.tidemark_metrics_agent = merging.agent  # type: ignore[attr-defined]
     return app

@@ -25,3 +25,20 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(YOUNG_GENERATION_THRESHOLD, middle, old)
     gc.collect()
     gc.freeze()
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent dies (Linux; elsewhere a no-op).
+
+    For a stage that a process runs in a child: a crashed (SIGKILLed) parent cannot stop it.
+    """
+    import ctypes
+    import ctypes.util
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)

@@ -180,7 +180,7 @@ class ConsumerThread:
                 del self._to_commit[tp.partition]
 
 
-def run_as_service(app: Any, consumer: ConsumerThread, what: str) -> None:
+def run_as_service(app: Any, consumer: ConsumerThread | ConsumerProcess, what: str) -> None:
     """Run ``consumer`` while the Faust ``app`` runs; its failure (or death) stops the worker."""
     from mode import Service
 
@@ -202,3 +202,89 @@ def run_as_service(app: Any, consumer: ConsumerThread, what: str) -> None:
                 await self.sleep(1.0)
 
     app.service(ConsumerStage)
+
+
+class ConsumerProcess:
+    """A :class:`ConsumerThread` run in a child process of its own, with the same lifecycle.
+
+    Why: the worker's stages are CPU-bound Python, and the threads of one process take turns
+    on one interpreter lock, so a worker with every stage in threads used one core however
+    many it had. A stage in a child process gets a core of its own. It needs nothing of the
+    worker's memory -- the stages talk only through Kafka topics and checkpoint on their own
+    -- so moving it changes no guarantee.
+
+    ``build(*args)`` (a module-level function: it is pickled to the child) returns the
+    stage's :class:`ConsumerThread`, made in the child. :meth:`stop` asks the child to
+    checkpoint, commit and leave; the child stops by itself if the worker dies (on Linux
+    the kernel kills it with the worker; elsewhere it notices within a second), so a
+    crashed worker leaves nothing behind that would keep its lanes.
+    """
+
+    def __init__(self, build: Callable[..., ConsumerThread], args: tuple[Any, ...], name: str) -> None:
+        import multiprocessing
+
+        self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked locks or threads
+        self._build, self._args, self.thread_name = build, args, name
+        self._stopping = self._context.Event()
+        self._process: Any = None
+        self.failure: BaseException | None = None
+
+    def start(self) -> None:
+        """Start the child (returns at once)."""
+        import os
+
+        self._process = self._context.Process(
+            target=_run_stage, args=(self._build, self._args, self._stopping, os.getpid()), name=self.thread_name
+        )
+        self._process.start()
+
+    def stop(self, timeout: float = 25.0) -> None:
+        """Ask the child to finish its last checkpoint and wait for it (then kill it if it is stuck)."""
+        self._stopping.set()
+        if self._process is not None:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                log.warning("%s did not stop within %.0f s; killed", self.thread_name, timeout)
+                self._process.kill()
+                self._process.join(5)
+
+    @property
+    def running(self) -> bool:
+        """Whether the child is alive; once it has exited with an error, :attr:`failure` says so."""
+        process = self._process
+        if process is None:
+            return False
+        if process.is_alive():
+            return True
+        if process.exitcode and self.failure is None and not self._stopping.is_set():
+            self.failure = RuntimeError(f"{self.thread_name} exited with status {process.exitcode}")
+        return False
+
+
+def _run_stage(build: Callable[..., ConsumerThread], args: tuple[Any, ...], stopping: Any, parent: int) -> None:
+    """The body of a :class:`ConsumerProcess` child: run the stage until told to stop or the worker is gone."""
+    import os
+    import signal
+    import sys
+
+    from tidemark.runtime import die_with_parent, tune_garbage_collector
+    from tidemark.settings import get_settings
+
+    die_with_parent()
+    if os.getppid() != parent:  # the worker died before the line above took effect
+        return
+    # Ctrl-C reaches the whole process group: the worker stops its stages itself, in order. A
+    # SIGTERM sent to the group (or to the child alone) stops it too. The handler only notes it:
+    # it runs inside the wait below, which holds the lock that setting ``stopping`` would take.
+    terminated: list[int] = []
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
+    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    consumer = build(*args)
+    tune_garbage_collector()
+    consumer.start()
+    while not stopping.wait(1.0):
+        if terminated or not consumer.running or os.getppid() != parent:
+            break
+    consumer.stop()
+    sys.exit(1 if consumer.failure is not None else 0)

@@ -72,6 +72,14 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def stage_processes(self) -> list[int]:
+        """The pids of the worker's stage processes (its children that run a stage, alive or not yet reaped)."""
+        if self.proc is None:
+            return []
+        pids = [int(pid) for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+        return [pid for pid in pids if b"multiprocessing.spawn" in _read(Path(f"/proc/{pid}/cmdline"))]
+
     def log_tail(self, lines: int = 60) -> str:
         """The last lines of the child's log."""
         try:
@@ -151,6 +159,19 @@ def committed_offsets(settings: Settings, group: str, topic: str, partitions: in
                     raise
     finally:
         consumer.close()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (an ended one may wait as a zombie to be reaped)."""
+    stat = _read(Path(f"/proc/{pid}/stat"))
+    return bool(stat) and stat.rsplit(b")", 1)[1].split()[0] != b"Z"
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, on_tick: Callable[[], None] | None = None):

@@ -16,6 +16,7 @@ from tests.integration.stream_worker import (
     WorkerProcess,
     committed_offsets,
     high_watermarks,
+    process_running,
     produce_events,
     wait_for,
 )
@@ -177,3 +178,23 @@ def test_two_workers_share_the_partitions_and_count_every_event_once(
                  tick)
         # Both took part: the second worker was handed partitions the first had checkpointed.
         assert "restored from its checkpoint" in second.log_tail(10_000)
+
+
+@pytest.mark.parametrize("ending", ["stop", "kill"])
+def test_metric_merging_runs_in_a_process_that_ends_with_the_worker(
+    kafka_settings: Settings, tmp_path: Path, ending: str
+) -> None:
+    # Stopped, the worker has its merging process checkpoint and leave; killed, the process dies
+    # with it rather than keep the merging lanes from the worker that replaces it.
+    worker = WorkerProcess(kafka_settings, tmp_path)
+    worker.start()
+    try:
+        wait_for(lambda: "metrics-merging: partitions" in worker.log_tail(10_000), 120, "merging lanes assigned",
+                 worker.check_alive)
+        (stage,) = worker.stage_processes()
+        assert process_running(stage)
+        getattr(worker, ending)()
+        wait_for(lambda: not process_running(stage), 30, "the merging process to end")
+        assert ("Metric merging stopped: 6 lanes checkpointed" in worker.log_tail(10_000)) is (ending == "stop")
+    finally:
+        worker.stop()
