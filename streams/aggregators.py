@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+import orjson
+
 from streams.catalogue import (
     DIMENSIONS,
     Aggregation,
@@ -609,6 +611,36 @@ _ENCODERS: dict[type, Callable[[Any], Any]] = {
     SessionPartial: lambda acc: ["p", acc.average, acc.n, acc.total],
     SessionTotals: lambda acc: ["T", acc.n, acc.duration_ms, acc.page_views, acc.events],
 }
+
+
+class _Encoded:
+    """A state already encoded as JSON text, in the place of a ratio's part (see :func:`state_json`)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+
+
+_ENCODERS[_Encoded] = lambda encoded: orjson.Fragment(encoded.text)
+
+
+def state_json(acc: Any, encoded: dict[int, bytes]) -> bytes:
+    """``orjson.dumps(encode_state(acc))``, each state object encoded once while ``encoded`` is kept.
+
+    Metrics sharing a window publish the same state object (dau, active_users and the
+    denominator of arpu: one set of thousands of ids); ``encoded`` holds the text of every
+    state encoded so far, by object id, so the caller must keep those objects alive as long
+    as it keeps ``encoded``. A ratio is a new object per partial: its parts are looked up,
+    and the ratio's own encoder writes their texts in.
+    """
+    if type(acc) is RatioAccumulator:
+        parts = RatioAccumulator(_Encoded(state_json(acc.num, encoded)), _Encoded(state_json(acc.den, encoded)))
+        return orjson.dumps(encode_state(parts))
+    text = encoded.get(id(acc))
+    if text is None:
+        text = encoded[id(acc)] = orjson.dumps(encode_state(acc))
+    return text
 
 
 def decode_state(data: Any) -> Any:

@@ -40,14 +40,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import orjson
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import Counter
 
 from schemas.streams import metric_partial_batch_codec
 from streams.agents.checkpoints import read_checkpoint
 from streams.agents.threaded import ConsumerThread, DurableProducer
-from streams.aggregators import MetricAggregator, RatioAccumulator, encode_state
+from streams.aggregators import MetricAggregator, state_json
 from streams.avro_writers import session_message
 from streams.events import StreamEvent
 from streams.periods import Period, PeriodCalendar
@@ -91,8 +90,8 @@ def publish_every(settings: Settings) -> dict[Period, float]:
 FLUSHES = Counter("tidemark_stream_flushes_total", "Partition checkpoints (publish + checkpoint + commit).")
 
 
-def partial_entry(partial: MetricPartial, state: bytes | None = None) -> dict[str, Any]:
-    """A partial as an entry of a ``metric_partial_batch.avsc`` record (its state as JSON, or ``state``)."""
+def partial_entry(partial: MetricPartial, state: bytes) -> dict[str, Any]:
+    """A partial as an entry of a ``metric_partial_batch.avsc`` record (``state``: its state as JSON)."""
     return {
         "metric": partial.metric,
         "period": partial.period.value,
@@ -100,24 +99,8 @@ def partial_entry(partial: MetricPartial, state: bytes | None = None) -> dict[st
         "periodEnd": partial.period_end,
         "dimension": partial.dimension,
         "dimensionValue": partial.dimension_value,
-        "state": orjson.dumps(encode_state(partial.state)) if state is None else state,
+        "state": state,
     }
-
-
-def state_text(state: Any, encoded: dict[int, bytes]) -> bytes:
-    """``state`` as the JSON of :func:`~streams.aggregators.encode_state`, each state object encoded once.
-
-    Metrics sharing a window publish the same state object (dau, active_users and the
-    denominator of arpu: one set of thousands of ids), so ``encoded`` keeps the text of
-    every state already encoded, by object id, for as long as the objects live (one flush).
-    A ratio is a new object per partial: its parts are looked up instead.
-    """
-    if type(state) is RatioAccumulator:
-        return b'["r",' + state_text(state.num, encoded) + b"," + state_text(state.den, encoded) + b"]"
-    text = encoded.get(id(state))
-    if text is None:
-        text = encoded[id(state)] = orjson.dumps(encode_state(state))
-    return text
 
 
 def partial_chunks(entries: list[dict[str, Any]], limit: int = PARTIAL_BATCH_BYTES) -> list[list[dict[str, Any]]]:
@@ -347,7 +330,7 @@ class EventsAgent:
             lane = lanes.get(series)
             if lane is None:
                 lane = lanes[series] = series_lane(partial.series_key, lane_of)
-            by_lane[lane].append(partial_entry(partial, state_text(partial.state, encoded)))
+            by_lane[lane].append(partial_entry(partial, state_json(partial.state, encoded)))
             carried = partial.watermark
         advanced = watermark > previous
         if not (by_lane or advanced):

@@ -235,6 +235,7 @@ def test_without_finals_judging_falls_back_to_stream_time_after_a_stall() -> Non
 def test_metrics_agent_sends_a_window_once_per_flush_and_its_final_at_once() -> None:
     from streams.agents.events import partial_entry
     from streams.agents.metrics import MetricsAgent
+    from streams.aggregators import state_json
 
     pipeline = Pipeline(wait_for_final=True)  # its processors and catalogue; the agent replaces its merger
     aggregators = pipeline.merger.aggregators
@@ -251,7 +252,9 @@ def test_metrics_agent_sends_a_window_once_per_flush_and_its_final_at_once() -> 
         for event in events:
             processor.process(event)
         before = processor.metrics.announced
-        partials = [partial_entry(partial) for partial in processor.flush().partials]
+        encoded: dict[int, bytes] = {}
+        partials = [partial_entry(partial, state_json(partial.state, encoded))
+                    for partial in processor.flush().partials]
         batch = {"partition": partition, "watermark": before, "announced": processor.metrics.watermark,
                  "partials": partials}
         agent.on_batch(3, batch)
