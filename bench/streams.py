@@ -45,7 +45,12 @@ from streams.catalogue import CATALOGUE  # noqa: E402
 from streams.events import StreamEvent  # noqa: E402
 from streams.periods import PeriodCalendar  # noqa: E402
 from streams.processor import PartitionProcessor  # noqa: E402
-from tests.integration.stream_worker import WorkerProcess, committed_offsets, high_watermarks  # noqa: E402
+from tests.integration.stream_worker import (  # noqa: E402
+    WorkerProcess,
+    child_pids,
+    committed_offsets,
+    high_watermarks,
+)
 from tidemark.settings import Settings  # noqa: E402
 from tidemark.topics import EVENTS_RAW, ensure_topics  # noqa: E402
 
@@ -142,9 +147,7 @@ def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process and its live children (a worker's stage processes) have used (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-                for child in (task / "children").read_text().split()]
-    return own + sum(_cpu_seconds(child) for child in children)
+    return own + sum(_cpu_seconds(child) for child in child_pids(pid))
 
 
 def worker_rate(settings: Settings, total: int, workdir: Path) -> tuple[float, float, float]:

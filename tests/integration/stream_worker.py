@@ -76,9 +76,8 @@ class WorkerProcess:
         """The pids of the worker's stage processes (its children that run a stage, alive or not yet reaped)."""
         if self.proc is None:
             return []
-        pids = [int(pid) for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
-        return [pid for pid in pids if b"multiprocessing.spawn" in _read(Path(f"/proc/{pid}/cmdline"))]
+        children = child_pids(self.proc.pid)
+        return [pid for pid in children if b"multiprocessing.spawn" in _read(Path(f"/proc/{pid}/cmdline"))]
 
     def log_tail(self, lines: int = 60) -> str:
         """The last lines of the child's log."""
@@ -166,6 +165,12 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:  # gone meanwhile
         return b""
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids of process ``pid``'s children (Linux /proc)."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in _read(task / "children").split()]
 
 
 def process_running(pid: int) -> bool:
