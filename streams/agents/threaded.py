@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +24,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streams.agents.checkpoints import MAX_CHECKPOINT_BYTES
-from tidemark.settings import Settings
+from tidemark.runtime import die_with_parent, tune_garbage_collector
+from tidemark.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +226,6 @@ class ConsumerProcess:
     """
 
     def __init__(self, build: Callable[..., ConsumerThread], args: tuple[Any, ...], name: str) -> None:
-        import multiprocessing
-
         self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked locks or threads
         self._build, self._args, self.thread_name = build, args, name
         self._stopping = self._context.Event()
@@ -231,8 +234,6 @@ class ConsumerProcess:
 
     def start(self) -> None:
         """Start the child (returns at once)."""
-        import os
-
         self._process = self._context.Process(
             target=_run_stage, args=(self._build, self._args, self._stopping, os.getpid()), name=self.thread_name
         )
@@ -263,13 +264,6 @@ class ConsumerProcess:
 
 def _run_stage(build: Callable[..., ConsumerThread], args: tuple[Any, ...], stopping: Any, parent: int) -> None:
     """The body of a :class:`ConsumerProcess` child: run the stage until told to stop or the worker is gone."""
-    import os
-    import signal
-    import sys
-
-    from tidemark.runtime import die_with_parent, tune_garbage_collector
-    from tidemark.settings import get_settings
-
     die_with_parent()
     if os.getppid() != parent:  # the worker died before the line above took effect
         return
